@@ -1,0 +1,267 @@
+"""`modulate()` turns a base network into a KM model; `bake()` turns it back.
+
+    base ──modulate──> KM model ──fit / load_task──> KM model ──bake──> plain
+
+`modulate` copies a functional or sequential Keras model and swaps every
+`Conv2D` and `DepthwiseConv2D` for its kernel-modulated twin with the base
+weights copied in; `bake` writes the modulated kernels into ordinary layers so
+that the result runs (and converts to TFLite) without any KM code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+
+from km_tf.layers import (DEFAULT_FORM, DEFAULT_HIDDEN_UNITS, KM_LAYERS,
+                          KernelModulatedConv2D, KernelModulatedDepthwiseConv2D,
+                          check_modulator_options)
+from km_tf.walk import (BATCHNORM_TYPES, ROLE_HEAD, is_container,
+                        is_convolution, layer_role, walk_layers)
+
+BATCHNORM_MODES = ("train", "freeze")
+
+# Plain layer class -> its kernel-modulated twin, and back.
+_MODULATED_TWIN = {
+    keras.layers.Conv2D: KernelModulatedConv2D,
+    keras.layers.DepthwiseConv2D: KernelModulatedDepthwiseConv2D,
+}
+_KM_CONFIG_KEYS = ("hidden_units", "form")
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer that Kernel Modulation cannot rewrite."""
+
+
+def modulate(
+    model: keras.Model,
+    *,
+    hidden_units: int = DEFAULT_HIDDEN_UNITS,
+    form: str = DEFAULT_FORM,
+    batchnorm: str = "train",
+    head: Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+) -> keras.Model:
+    """Returns a kernel-modulated copy of `model`, ready to train one task.
+
+    Every `Conv2D` and `DepthwiseConv2D` becomes a `KernelModulatedConv2D` /
+    `KernelModulatedDepthwiseConv2D` holding the base weights frozen, with a
+    fresh identity modulator: the copy computes exactly what `model` does
+    until it trains. `model` itself is not changed.
+
+    Args:
+        model: A functional or sequential Keras model (nested functional and
+            sequential models, e.g. a `keras.applications` base inside a
+            `Sequential`, are entered).
+        hidden_units: Hidden width of every modulator MLP (the size knob).
+        form: Modulator form, `"spatial"` or `"filter"` (see `layers.py`).
+        batchnorm: `"train"`: BatchNorm gamma, beta and moving statistics
+            train per task and are saved in the task file; `"freeze"`: they
+            keep the base's values and BatchNorm runs in inference mode.
+        head: Names of the layers that train per task besides the
+            modulators (the task's head). `None` means every layer with
+            weights that is neither a convolution nor a BatchNorm layer.
+        skip: Names of convolution layers to leave unmodulated and frozen.
+
+    Returns:
+        A new `keras.Model` with only the per-task variables trainable.
+
+    Raises:
+        UnsupportedLayerError: `model` is subclassed, is already modulated, or
+            holds a convolution KM cannot rewrite (e.g. `SeparableConv2D`,
+            `Conv1D`) that is not listed in `skip`.
+        ValueError: A bad option, or a name in `head`/`skip` that is not a
+            layer of `model`.
+
+    Example:
+    >>> base = keras.applications.MobileNetV2(
+    ...     (96, 96, 3), alpha=0.35, weights=None, classes=5)
+    >>> km = modulate(base, hidden_units=16)
+    >>> km.compile("adam", "sparse_categorical_crossentropy")
+    """
+    check_modulator_options(hidden_units, form)
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(
+            f"`batchnorm` must be one of {BATCHNORM_MODES}; got {batchnorm!r}."
+        )
+    skip, head = set(skip), None if head is None else set(head)
+    _check_modulatable(model, skip, head or set())
+
+    def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+        twin = _MODULATED_TWIN.get(type(layer))
+        if twin is None or layer.name in skip:
+            return _copy_layer(layer)
+        return twin.from_config(
+            {**layer.get_config(), "hidden_units": hidden_units, "form": form}
+        )
+
+    modulated = _clone(model, clone_layer)
+    for (_, source), (_, target) in zip(walk_layers(model),
+                                        walk_layers(modulated)):
+        if isinstance(target, KM_LAYERS):
+            target.base_kernel.assign(source.kernel)
+            if target.use_bias:
+                target.bias.assign(source.bias)
+        else:
+            target.set_weights(source.get_weights())
+    _set_task_trainability(modulated, batchnorm=batchnorm, head=head)
+    return modulated
+
+
+def bake(model: keras.Model) -> keras.Model:
+    """Returns a plain Keras copy of a KM model with its kernels baked in.
+
+    Each KM convolution becomes the ordinary `Conv2D` / `DepthwiseConv2D` it
+    came from, holding the modulated kernel. The result needs no km_tf code to
+    run, save, or convert to TFLite, and its outputs equal the KM model's to
+    float tolerance.
+
+    Args:
+        model: A model returned by `modulate` (trained or not).
+
+    Returns:
+        A new `keras.Model` with the same structure and layer names.
+    """
+
+    def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if not isinstance(layer, KM_LAYERS):
+            return _copy_layer(layer)
+        config = layer.get_config()
+        for key in _KM_CONFIG_KEYS:
+            config.pop(key)
+        return layer.plain_class.from_config(config)
+
+    baked = _clone(model, clone_layer)
+    for (_, source), (_, target) in zip(walk_layers(model),
+                                        walk_layers(baked)):
+        if isinstance(source, KM_LAYERS):
+            target.kernel.assign(source.modulated_kernel())
+            if source.use_bias:
+                target.bias.assign(source.bias)
+        else:
+            target.set_weights(source.get_weights())
+    return baked
+
+
+def _copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+    return layer.__class__.from_config(layer.get_config())
+
+
+def _clone(model: keras.Model,
+           clone_layer: Callable[[keras.layers.Layer], keras.layers.Layer]
+           ) -> keras.Model:
+    clone = keras.models.clone_model(
+        model, clone_function=clone_layer, recursive=True
+    )
+    if not clone.built:
+        clone.build(model.inputs[0].shape if model.inputs else None)
+    return clone
+
+
+def _check_modulatable(model: keras.Model, skip: set[str],
+                       head: set[str]) -> None:
+    if not is_container(model):
+        raise UnsupportedLayerError(
+            f"modulate() needs a functional or sequential model; "
+            f"{type(model).__name__} is a subclassed model. Build the network "
+            "with the functional API (or wrap its layers in keras.Sequential)."
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built: give it an Input or call "
+            "`model.build(input_shape)` before modulate()."
+        )
+    names = set()
+    for path, layer in walk_layers(model):
+        names.add(layer.name)
+        if isinstance(layer, KM_LAYERS):
+            raise UnsupportedLayerError(
+                f"Layer {path!r} is already kernel-modulated: modulate() takes "
+                "the plain base model. Use bake() first to get one back."
+            )
+        if layer.name in skip:
+            continue
+        if is_convolution(layer) and type(layer) not in _MODULATED_TWIN:
+            raise UnsupportedLayerError(
+                f"Layer {path!r} is a {type(layer).__name__}, which Kernel "
+                "Modulation does not rewrite (it supports Conv2D and "
+                "DepthwiseConv2D). Pass skip=["
+                f"{layer.name!r}] to keep it frozen, or rebuild it from "
+                "supported layers (a SeparableConv2D is a DepthwiseConv2D "
+                "followed by a 1x1 Conv2D)."
+            )
+        hidden = [sub for sub in layer._flatten_layers(include_self=False)
+                  if is_convolution(sub)]
+        if hidden:
+            raise UnsupportedLayerError(
+                f"Layer {path!r} ({type(layer).__name__}) holds convolution "
+                f"{hidden[0].name!r} inside a custom layer, where modulate() "
+                "cannot reach it. Build that block with the functional API, "
+                f"or pass skip=[{layer.name!r}] to keep it frozen."
+            )
+    unknown = sorted((skip | head) - names)
+    if unknown:
+        raise ValueError(
+            f"Layers {unknown} named in `skip`/`head` are not in model "
+            f"{model.name!r}. Check the names with `model.summary()`."
+        )
+
+
+def _set_task_trainability(model: keras.Model, *, batchnorm: str,
+                           head: set[str] | None) -> None:
+    """Makes exactly the per-task variables trainable.
+
+    Layer flags are set one by one (never `model.trainable = True`, which
+    would re-enable every variable); KM layers keep their base frozen
+    themselves.
+    """
+    for _, layer in walk_layers(model):
+        if isinstance(layer, KM_LAYERS):
+            layer.trainable = True
+        elif isinstance(layer, BATCHNORM_TYPES):
+            layer.trainable = batchnorm == "train"
+        elif head is None:
+            layer.trainable = bool(layer.weights) and not is_convolution(layer)
+        else:
+            layer.trainable = layer.name in head
+
+
+def modulation_options(model: keras.Model) -> dict[str, Any]:
+    """The `modulate()` keyword arguments that rebuild `model`'s layout.
+
+    Derived from the model itself (modulator sizes, which layers train), so
+    task files can record how their model was made.
+
+    Raises:
+        ValueError: `model` has no KM layer, or mixes modulator settings.
+    """
+    km_layers = [layer for _, layer in walk_layers(model)
+                 if isinstance(layer, KM_LAYERS)]
+    if not km_layers:
+        raise ValueError(
+            f"Model {model.name!r} has no kernel-modulated layer: call "
+            "km_tf.modulate(base) first."
+        )
+    settings = {(layer.hidden_units, layer.form) for layer in km_layers}
+    if len(settings) > 1:
+        raise ValueError(
+            f"Model {model.name!r} mixes modulator settings {sorted(settings)}"
+            "; km_tf task files expect one hidden_units/form per model."
+        )
+    (hidden_units, form), = settings
+    batchnorms = [layer for _, layer in walk_layers(model)
+                  if isinstance(layer, BATCHNORM_TYPES)]
+    plain_convs = [layer.name for _, layer in walk_layers(model)
+                   if is_convolution(layer) and not isinstance(layer, KM_LAYERS)]
+    head = [layer.name for _, layer in walk_layers(model)
+            if layer_role(layer) == ROLE_HEAD]
+    return {
+        "hidden_units": hidden_units,
+        "form": form,
+        "batchnorm": "train" if any(b.trainable for b in batchnorms)
+        else "freeze",
+        "head": head,
+        "skip": plain_convs,
+    }

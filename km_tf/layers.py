@@ -1,0 +1,317 @@
+"""Kernel Modulation layers.
+
+A kernel-modulated convolution holds the base kernel `W` frozen and a small
+trainable `KernelModulator` that rewrites every weight of it:
+
+    W' = W * (1 + g(W / std(W)))
+
+where `g` is a two-layer MLP shared by all *kernel units* of the layer. A unit
+is a slice of the kernel along its leading axes: with the default "spatial"
+form, each `kh x kw` spatial kernel (one per input/output channel pair) is a
+unit; with the "filter" form, a whole output filter (`kh x kw x cin`) is. The
+MLP's output layer starts at zero, so a freshly modulated layer computes
+exactly what the base layer computes.
+
+The layers follow Keras' LoRA pattern (`keras/src/layers/convolutional/
+base_conv.py`): the frozen weight lives in `_kernel`, and `kernel` is a property
+that returns the modulated kernel, so `call()` and the shape logic of
+`Conv2D` / `DepthwiseConv2D` are reused untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+from keras import ops
+
+MODULATOR_FORMS = ("spatial", "filter")
+DEFAULT_HIDDEN_UNITS = 64
+DEFAULT_FORM = "spatial"
+
+# Number of leading kernel axes that make one modulated unit, per layer kind.
+_UNIT_AXES = {
+    ("conv", "spatial"): 2,  # (kh, kw) per (cin, cout) pair.
+    ("conv", "filter"): 3,  # (kh, kw, cin) per output filter.
+    ("depthwise", "spatial"): 2,  # (kh, kw) per (channel, multiplier).
+    ("depthwise", "filter"): 2,  # a depthwise filter is one spatial kernel.
+}
+
+
+def check_modulator_options(hidden_units: int, form: str) -> None:
+    """Raises a ValueError naming a bad modulator size or form."""
+    if isinstance(hidden_units, bool) or not isinstance(hidden_units, int) \
+            or hidden_units < 1:
+        raise ValueError(
+            f"`hidden_units` must be a positive integer; got {hidden_units!r}."
+        )
+    if form not in MODULATOR_FORMS:
+        raise ValueError(
+            f"Unknown modulator form {form!r}. Use one of {MODULATOR_FORMS}."
+        )
+
+
+@keras.saving.register_keras_serializable(package="km_tf")
+class KernelModulator(keras.layers.Layer):
+    """A tiny MLP that rewrites every weight of one convolution kernel.
+
+    The kernel is viewed as a matrix of shape `(unit_size, num_units)`, where
+    a unit is the block of the first `unit_axes` axes (e.g. one 3x3 spatial
+    kernel). Every unit `w` goes through the same MLP:
+
+        g(w) = V tanh(U w / s + c) + d,    w' = w * (1 + g(w))
+
+    with `s` the standard deviation of the whole kernel. `V` and `d` start at
+    zero, so the modulator is the identity at initialisation. Weights are
+    always float32, also under mixed precision.
+
+    Args:
+        hidden_units: Width of the hidden layer: the modulator's size knob.
+        unit_axes: How many leading kernel axes form one unit.
+        **kwargs: Base layer keyword arguments (`name`, ...).
+
+    Input shape:
+        A kernel tensor of rank >= `unit_axes + 1`.
+
+    Output shape:
+        Same as the input.
+
+    Example:
+    >>> modulator = KernelModulator(hidden_units=8, unit_axes=2)
+    >>> kernel = keras.random.normal((3, 3, 4, 5))
+    >>> bool(ops.all(modulator(kernel) == kernel))
+    True
+    """
+
+    def __init__(self, hidden_units: int = DEFAULT_HIDDEN_UNITS,
+                 unit_axes: int = 2, **kwargs: Any) -> None:
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        check_modulator_options(hidden_units, DEFAULT_FORM)
+        self.hidden_units = hidden_units
+        self.unit_axes = unit_axes
+
+    def build(self, kernel_shape: tuple[int, ...]) -> None:
+        if len(kernel_shape) <= self.unit_axes:
+            raise ValueError(
+                f"A kernel of shape {tuple(kernel_shape)} has no axes left after"
+                f" the {self.unit_axes} unit axes."
+            )
+        self.kernel_shape = tuple(int(d) for d in kernel_shape)
+        self.unit_size = math.prod(self.kernel_shape[: self.unit_axes])
+        self.hidden_kernel = self.add_weight(
+            name="hidden_kernel",
+            shape=(self.hidden_units, self.unit_size),
+            initializer=keras.initializers.GlorotUniform(),
+        )
+        self.hidden_bias = self.add_weight(
+            name="hidden_bias",
+            shape=(self.hidden_units, 1),
+            initializer=keras.initializers.RandomUniform(-1.0, 1.0),
+        )
+        self.output_kernel = self.add_weight(
+            name="output_kernel",
+            shape=(self.unit_size, self.hidden_units),
+            initializer="zeros",
+        )
+        self.output_bias = self.add_weight(
+            name="output_bias", shape=(self.unit_size, 1), initializer="zeros"
+        )
+
+    def call(self, kernel):
+        kernel = ops.cast(kernel, "float32")
+        units = ops.reshape(kernel, (self.unit_size, -1))
+        scale = ops.std(kernel) + 1e-12
+        hidden = ops.tanh(
+            ops.matmul(self.hidden_kernel, units / scale) + self.hidden_bias
+        )
+        gain = ops.matmul(self.output_kernel, hidden) + self.output_bias
+        return ops.reshape(units * (1.0 + gain), ops.shape(kernel))
+
+    def compute_output_shape(self, kernel_shape):
+        return kernel_shape
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(hidden_units=self.hidden_units, unit_axes=self.unit_axes)
+        return config
+
+
+class _KernelModulatedMixin:
+    """What both KM convolutions share: the modulator, freezing, saving."""
+
+    _layer_kind: str
+    plain_class: type  # The Keras layer this one modulates (and bakes into).
+
+    def _init_modulator(self, hidden_units: int, form: str) -> None:
+        check_modulator_options(hidden_units, form)
+        self.hidden_units = hidden_units
+        self.form = form
+        self.modulator = KernelModulator(
+            hidden_units=hidden_units,
+            unit_axes=_UNIT_AXES[(self._layer_kind, form)],
+            name="modulator",
+        )
+
+    def _build_modulator(self) -> None:
+        self.modulator.build(self._kernel.shape)
+        self._freeze_base()
+
+    def _freeze_base(self) -> None:
+        """The base kernel and bias never train, whatever `trainable` says."""
+        if getattr(self, "_kernel", None) is not None:
+            self._kernel.trainable = False
+            if self.bias is not None:
+                self.bias.trainable = False
+
+    @property
+    def trainable(self) -> bool:
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        keras.layers.Layer.trainable.fset(self, value)
+        self._freeze_base()
+
+    @property
+    def base_kernel(self):
+        """The frozen kernel of the base network."""
+        return self._kernel
+
+    @property
+    def kernel(self):
+        """The modulated kernel, in the layer's compute dtype."""
+        if not self.built:
+            raise AttributeError(
+                "You must build the layer before accessing `kernel`."
+            )
+        return ops.cast(self.modulator(self._kernel), self.compute_dtype)
+
+    def modulated_kernel(self):
+        """The modulated kernel in float32, as `bake()` writes it."""
+        return self.modulator(self._kernel)
+
+    # Save the frozen kernel (not the modulated one, as BaseConv would for
+    # LoRA); the modulator's weights are saved as the sublayer's own state.
+    def save_own_variables(self, store) -> None:
+        keras.layers.Layer.save_own_variables(self, store)
+
+    def load_own_variables(self, store) -> None:
+        keras.layers.Layer.load_own_variables(self, store)
+
+    def _modulator_config(self) -> dict[str, Any]:
+        return {"hidden_units": self.hidden_units, "form": self.form}
+
+
+@keras.saving.register_keras_serializable(package="km_tf")
+class KernelModulatedConv2D(_KernelModulatedMixin, keras.layers.Conv2D):
+    """2D convolution whose frozen kernel is rewritten by a kernel modulator.
+
+    Behaves exactly like `keras.layers.Conv2D` (strides, padding, dilation,
+    groups, bias, activation) but the weights it convolves with are
+    `KernelModulator(kernel)`. Only the modulator trains; the base kernel and
+    bias are frozen and stay frozen when `trainable` is set.
+
+    Args:
+        filters: As in `Conv2D`.
+        kernel_size: As in `Conv2D`.
+        hidden_units: Hidden width of the modulator MLP.
+        form: `"spatial"` (one unit per kh x kw kernel, default) or
+            `"filter"` (one unit per kh x kw x cin output filter).
+        **kwargs: Every other `Conv2D` argument.
+
+    Input shape:
+        4D tensor `(batch, rows, cols, channels)` (channels_last).
+
+    Output shape:
+        4D tensor `(batch, new_rows, new_cols, filters)`.
+
+    Example:
+    >>> layer = KernelModulatedConv2D(8, 3, strides=2, padding="same")
+    >>> layer(keras.ops.zeros((1, 16, 16, 3))).shape
+    (1, 8, 8, 8)
+    """
+
+    _layer_kind = "conv"
+    plain_class = keras.layers.Conv2D
+
+    def __init__(self, filters: int, kernel_size, *,
+                 hidden_units: int = DEFAULT_HIDDEN_UNITS,
+                 form: str = DEFAULT_FORM, **kwargs: Any) -> None:
+        if kwargs.get("lora_rank"):
+            raise ValueError(
+                "KernelModulatedConv2D does not combine with LoRA: drop "
+                "`lora_rank` (the modulator already adapts the kernel)."
+            )
+        kwargs.pop("lora_rank", None)
+        kwargs.pop("lora_alpha", None)
+        super().__init__(filters, kernel_size, **kwargs)
+        self._init_modulator(hidden_units, form)
+
+    def build(self, input_shape) -> None:
+        super().build(input_shape)
+        self._build_modulator()
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.pop("lora_rank", None)
+        config.pop("lora_alpha", None)
+        config.update(self._modulator_config())
+        return config
+
+
+@keras.saving.register_keras_serializable(package="km_tf")
+class KernelModulatedDepthwiseConv2D(_KernelModulatedMixin,
+                                     keras.layers.DepthwiseConv2D):
+    """Depthwise convolution whose frozen kernel is rewritten by a modulator.
+
+    Behaves exactly like `keras.layers.DepthwiseConv2D` (depth_multiplier,
+    strides, padding, dilation, bias, activation); see
+    `KernelModulatedConv2D` for the modulation.
+
+    Args:
+        kernel_size: As in `DepthwiseConv2D`.
+        hidden_units: Hidden width of the modulator MLP.
+        form: `"spatial"` or `"filter"` (identical for a depthwise kernel,
+            whose filters are single spatial kernels).
+        **kwargs: Every other `DepthwiseConv2D` argument.
+
+    Input shape:
+        4D tensor `(batch, rows, cols, channels)` (channels_last).
+
+    Output shape:
+        4D tensor `(batch, new_rows, new_cols, channels * depth_multiplier)`.
+
+    Example:
+    >>> layer = KernelModulatedDepthwiseConv2D(3, depth_multiplier=2)
+    >>> layer(keras.ops.zeros((1, 8, 8, 4))).shape
+    (1, 6, 6, 8)
+    """
+
+    _layer_kind = "depthwise"
+    plain_class = keras.layers.DepthwiseConv2D
+
+    def __init__(self, kernel_size, *,
+                 hidden_units: int = DEFAULT_HIDDEN_UNITS,
+                 form: str = DEFAULT_FORM, **kwargs: Any) -> None:
+        super().__init__(kernel_size, **kwargs)
+        self._init_modulator(hidden_units, form)
+
+    # DepthwiseConv2D.build assigns `self.kernel`; keep that weight as the
+    # frozen `_kernel` so that `kernel` can serve the modulated one.
+    @_KernelModulatedMixin.kernel.setter
+    def kernel(self, value) -> None:
+        self._kernel = value
+
+    def build(self, input_shape) -> None:
+        super().build(input_shape)
+        self._build_modulator()
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(self._modulator_config())
+        return config
+
+
+KM_LAYERS = (KernelModulatedConv2D, KernelModulatedDepthwiseConv2D)

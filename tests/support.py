@@ -1,0 +1,32 @@
+"""Small models and data shared by the tests."""
+
+import keras
+import numpy as np
+
+
+def small_convnet(input_shape=(16, 16, 3), num_classes=3,
+                  name="small_convnet") -> keras.Model:
+    """A functional ConvNet with every layer kind KM touches."""
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False,
+                            name="stem")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same",
+                                     name="dw")(x)
+    x = keras.layers.BatchNormalization(name="dw_bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(12, 1, name="project")(x)
+    x = keras.layers.Conv2D(12, 3, dilation_rate=2, padding="valid",
+                            name="dilated")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, name="head")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def random_images(n=8, shape=(16, 16, 3), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
+
+
+def random_labels(n=8, num_classes=3, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, num_classes, n)

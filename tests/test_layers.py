@@ -1,0 +1,123 @@
+"""KernelModulatedConv2D / KernelModulatedDepthwiseConv2D behave like Keras'."""
+
+import keras
+import numpy as np
+import pytest
+
+from km_tf.layers import (KernelModulatedConv2D, KernelModulatedDepthwiseConv2D,
+                          KernelModulator)
+
+CONV_CASES = {
+    "strided_3x3": dict(filters=6, kernel_size=3, strides=2, padding="same"),
+    "dilated_valid": dict(filters=5, kernel_size=3, dilation_rate=2,
+                          padding="valid"),
+    "pointwise": dict(filters=7, kernel_size=1),
+    "grouped": dict(filters=8, kernel_size=3, groups=2, padding="same"),
+    "with_activation": dict(filters=4, kernel_size=(3, 5), activation="relu",
+                            use_bias=True, bias_initializer="ones"),
+}
+DEPTHWISE_CASES = {
+    "multiplier_2_same": dict(kernel_size=3, depth_multiplier=2,
+                              padding="same"),
+    "strided_valid": dict(kernel_size=3, strides=2, padding="valid"),
+    "dilated": dict(kernel_size=3, dilation_rate=2, padding="same"),
+}
+
+
+def _twin_outputs(plain_class, km_class, config, inputs):
+    plain = plain_class(**config)
+    expected = plain(inputs)
+    modulated = km_class(**config, hidden_units=8)
+    modulated.build(inputs.shape)
+    modulated.base_kernel.assign(plain.kernel)
+    if plain.use_bias:
+        modulated.bias.assign(plain.bias)
+    return keras.ops.convert_to_numpy(expected), keras.ops.convert_to_numpy(
+        modulated(inputs))
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_identity_at_init_for_conv2d(case):
+    inputs = np.random.default_rng(1).normal(size=(2, 11, 11, 4)).astype(
+        "float32")
+    expected, actual = _twin_outputs(keras.layers.Conv2D, KernelModulatedConv2D,
+                                     CONV_CASES[case], inputs)
+    np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("case", sorted(DEPTHWISE_CASES))
+def test_identity_at_init_for_depthwise(case):
+    inputs = np.random.default_rng(2).normal(size=(2, 10, 10, 3)).astype(
+        "float32")
+    expected, actual = _twin_outputs(
+        keras.layers.DepthwiseConv2D, KernelModulatedDepthwiseConv2D,
+        DEPTHWISE_CASES[case], inputs)
+    np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("form,unit", [("spatial", 9), ("filter", 9 * 4)])
+def test_modulator_unit_size_follows_form(form, unit):
+    layer = KernelModulatedConv2D(6, 3, hidden_units=5, form=form)
+    layer.build((None, 8, 8, 4))
+    assert layer.modulator.unit_size == unit
+    assert tuple(layer.modulator.hidden_kernel.shape) == (5, unit)
+
+
+def test_modulator_rewrites_every_weight_once_trained():
+    modulator = KernelModulator(hidden_units=4, unit_axes=2)
+    kernel = keras.random.normal((3, 3, 2, 2), seed=3)
+    modulator.build(kernel.shape)
+    modulator.output_bias.assign(np.full((9, 1), 0.5, "float32"))
+    np.testing.assert_allclose(modulator(kernel), 1.5 * kernel, rtol=1e-6)
+
+
+def test_base_stays_frozen_when_layer_is_made_trainable():
+    layer = KernelModulatedConv2D(4, 3, use_bias=True)
+    layer.build((None, 8, 8, 3))
+    layer.trainable = False
+    layer.trainable = True
+    names = sorted(v.name for v in layer.trainable_variables)
+    assert names == ["hidden_bias", "hidden_kernel", "output_bias",
+                     "output_kernel"]
+    assert not layer.base_kernel.trainable and not layer.bias.trainable
+
+
+def test_depthwise_base_stays_frozen():
+    layer = KernelModulatedDepthwiseConv2D(3, use_bias=True)
+    layer.build((None, 8, 8, 3))
+    layer.trainable = True
+    assert {v.name for v in layer.trainable_variables} == {
+        "hidden_bias", "hidden_kernel", "output_bias", "output_kernel"}
+
+
+@pytest.mark.parametrize("layer_class,config", [
+    (KernelModulatedConv2D, dict(filters=3, kernel_size=3, strides=2,
+                                 padding="same", hidden_units=7,
+                                 form="filter")),
+    (KernelModulatedDepthwiseConv2D, dict(kernel_size=3, depth_multiplier=2,
+                                          hidden_units=5)),
+])
+def test_config_round_trips(layer_class, config):
+    layer = layer_class(**config)
+    clone = layer_class.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    assert clone.hidden_units == config["hidden_units"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(hidden_units=0), "positive integer"),
+    (dict(form="channel"), "Unknown modulator form"),
+    (dict(lora_rank=4), "LoRA"),
+])
+def test_bad_arguments_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        KernelModulatedConv2D(4, 3, **kwargs)
+
+
+def test_mixed_precision_keeps_modulator_in_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    layer = KernelModulatedConv2D(4, 3)
+    outputs = layer(np.ones((1, 6, 6, 3), "float32"))
+    assert outputs.dtype == "float16"
+    assert layer.kernel.dtype == "float16"
+    assert all(v.dtype == "float32" for v in layer.modulator.weights)

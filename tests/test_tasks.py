@@ -1,0 +1,232 @@
+"""Per-task files: round trip, every bad-file case, and the report."""
+
+import json
+import os
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import km_tf
+from support import random_images, random_labels, small_convnet
+
+
+def _numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+@pytest.fixture(scope="module")
+def base():
+    keras.utils.set_random_seed(0)
+    return small_convnet()
+
+
+@pytest.fixture(scope="module")
+def trained_task(base, tmp_path_factory):
+    """A KM model trained a few steps, and its saved task file."""
+    km = km_tf.modulate(base, hidden_units=8)
+    km.compile(keras.optimizers.Adam(0.05),
+               keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    km.fit(random_images(), random_labels(), epochs=3, verbose=0)
+    path = tmp_path_factory.mktemp("task") / "digits.kmtask"
+    km_tf.save_task(km, path)
+    return km, path
+
+
+def _snapshot(model):
+    return [np.array(_numpy(v)) for v in model.weights]
+
+
+def _assert_unchanged(model, snapshot):
+    for variable, before in zip(model.weights, snapshot):
+        np.testing.assert_array_equal(_numpy(variable), before)
+
+
+def test_round_trip_restores_the_task_outputs(base, trained_task):
+    km, path = trained_task
+    fresh = km_tf.modulate(base, **km_tf.read_task_options(path))
+    images = random_images(seed=9)
+    assert not np.allclose(_numpy(fresh(images)), _numpy(km(images)))
+    km_tf.load_task(fresh, path)
+    np.testing.assert_array_equal(_numpy(fresh(images)), _numpy(km(images)))
+
+
+def test_file_holds_only_task_tensors(trained_task):
+    km, path = trained_task
+    header = km_tf.read_task_header(path)
+    roles = {entry["role"] for entry in header.tensors}
+    assert roles == {"modulated", "batchnorm", "head"}
+    assert not any(entry["path"].endswith("stem/kernel")
+                   for entry in header.tensors)
+    stored = sum(int(np.prod(e["shape"])) for e in header.tensors)
+    assert stored == km_tf.task_report(km).task_params
+
+
+def test_options_are_recorded(trained_task):
+    assert km_tf.read_task_options(trained_task[1]) == {
+        "hidden_units": 8, "form": "spatial", "batchnorm": "train",
+        "head": ["head"], "skip": []}
+
+
+def test_wrong_base_is_refused_and_model_unchanged(trained_task):
+    _, path = trained_task
+    keras.utils.set_random_seed(123)
+    other = km_tf.modulate(small_convnet(), hidden_units=8)
+    before = _snapshot(other)
+    with pytest.raises(km_tf.TaskFileError, match="different base network"):
+        km_tf.load_task(other, path)
+    _assert_unchanged(other, before)
+
+
+def test_other_modulator_options_are_named(base, trained_task):
+    _, path = trained_task
+    other = km_tf.modulate(base, hidden_units=4)
+    with pytest.raises(km_tf.TaskFileError,
+                       match="hidden_units: file 8 vs model 4"):
+        km_tf.load_task(other, path)
+
+
+def test_missing_file_is_file_not_found(base, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No task file"):
+        km_tf.load_task(km_tf.modulate(base), tmp_path / "absent.kmtask")
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.9])
+def test_truncated_file_is_refused_and_model_unchanged(base, trained_task,
+                                                       tmp_path, keep):
+    _, path = trained_task
+    data = path.read_bytes()
+    broken = tmp_path / "truncated.kmtask"
+    broken.write_bytes(data[: int(len(data) * keep)])
+    fresh = km_tf.modulate(base, hidden_units=8)
+    before = _snapshot(fresh)
+    with pytest.raises(km_tf.TaskFileError, match="corrupt or truncated"):
+        km_tf.load_task(fresh, broken)
+    _assert_unchanged(fresh, before)
+
+
+def test_flipped_bytes_are_caught_by_checksums(base, trained_task, tmp_path):
+    _, path = trained_task
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.getinfo("t0.npy").header_offset
+    data = bytearray(path.read_bytes())
+    # The member's data follows its local header, whose name and extra-field
+    # lengths are the little-endian shorts at bytes 26 and 28.
+    name_length = int.from_bytes(data[offset + 26:offset + 28], "little")
+    extra_length = int.from_bytes(data[offset + 28:offset + 30], "little")
+    start = offset + 30 + name_length + extra_length
+    for offset in range(start + 8, start + 16):
+        data[offset] ^= 0xFF
+    broken = tmp_path / "flipped.kmtask"
+    broken.write_bytes(bytes(data))
+    fresh = km_tf.modulate(base, hidden_units=8)
+    before = _snapshot(fresh)
+    with pytest.raises(km_tf.TaskFileError, match="corrupt"):
+        km_tf.load_task(fresh, broken)
+    _assert_unchanged(fresh, before)
+
+
+def _rewrite(path, target, edit):
+    """Copies a task file, letting `edit(header, arrays)` change it."""
+    with np.load(path) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    header = json.loads(arrays.pop("header").tobytes())
+    edit(header, arrays)
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(target, **arrays)
+    return target
+
+
+def test_missing_tensor_is_named(base, trained_task, tmp_path):
+    def drop_head_bias(header, arrays):
+        entry = next(e for e in header["tensors"] if e["path"] == "head/bias")
+        header["tensors"].remove(entry)
+        arrays.pop(entry["key"])
+
+    broken = _rewrite(trained_task[1], tmp_path / "missing.npz",
+                      drop_head_bias)
+    fresh = km_tf.modulate(base, hidden_units=8)
+    before = _snapshot(fresh)
+    with pytest.raises(km_tf.TaskFileError, match="missing 'head/bias'"):
+        km_tf.load_task(fresh, broken)
+    _assert_unchanged(fresh, before)
+
+
+def test_misshaped_tensor_is_named(base, trained_task, tmp_path):
+    def grow_head(header, arrays):
+        entry = next(e for e in header["tensors"] if e["path"] == "head/bias")
+        arrays[entry["key"]] = np.zeros(5, np.float32)
+
+    broken = _rewrite(trained_task[1], tmp_path / "shape.npz", grow_head)
+    fresh = km_tf.modulate(base, hidden_units=8)
+    before = _snapshot(fresh)
+    with pytest.raises(km_tf.TaskFileError,
+                       match=r"'head/bias'.*shape \(5,\).*\(3,\)"):
+        km_tf.load_task(fresh, broken)
+    _assert_unchanged(fresh, before)
+
+
+def test_file_of_another_kind_is_refused(base, tmp_path):
+    not_a_task = tmp_path / "weights.npz"
+    np.savez(not_a_task, kernel=np.zeros(3))
+    with pytest.raises(km_tf.TaskFileError, match="not a task file"):
+        km_tf.load_task(km_tf.modulate(base), not_a_task)
+    text = tmp_path / "notes.kmtask"
+    text.write_text("hello")
+    with pytest.raises(km_tf.TaskFileError, match="corrupt"):
+        km_tf.load_task(km_tf.modulate(base), text)
+
+
+def test_pickled_payload_is_never_unpickled(base, tmp_path):
+    evil = tmp_path / "evil.kmtask"
+    with open(evil, "wb") as stream:
+        np.savez(stream, header=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(km_tf.TaskFileError):
+        km_tf.load_task(km_tf.modulate(base), evil)
+
+
+def test_save_is_atomic_and_keeps_the_old_file_on_failure(trained_task,
+                                                          tmp_path,
+                                                          monkeypatch):
+    km, path = trained_task
+    target = tmp_path / "task.kmtask"
+    km_tf.save_task(km, target)
+    original = target.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        km_tf.save_task(km, target)
+    assert target.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task.kmtask"]
+
+
+def test_save_into_missing_folder_names_it(trained_task, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        km_tf.save_task(trained_task[0], tmp_path / "no" / "task.kmtask")
+
+
+def test_task_report_counts_roles(trained_task):
+    km, path = trained_task
+    report = km_tf.task_report(km)
+    # stem 3x3 (9 -> 8 -> 9), dw 3x3, project 1x1 (1 -> 8 -> 1), dilated 3x3.
+    per_3x3, per_1x1 = 9 * 8 + 8 + 8 * 9 + 9, 1 * 8 + 8 + 8 * 1 + 1
+    assert report.modulator_params == 3 * per_3x3 + per_1x1
+    assert report.batchnorm_params == 4 * (8 + 16)
+    assert report.head_params == 12 * 3 + 3
+    assert report.base_params == small_convnet().count_params() - 39
+    assert report.task_bytes == 4 * report.task_params
+    assert "task / base" in str(report)
+    assert report.to_dict()["task_params"] == report.task_params
+
+
+def test_mobilenet_v2_modulators_are_one_to_two_percent():
+    base = keras.applications.MobileNetV2((224, 224, 3), weights=None,
+                                          include_top=False, pooling="avg")
+    model = keras.Sequential([base, keras.layers.Dense(10, name="head")])
+    report = km_tf.task_report(km_tf.modulate(model))
+    assert report.base_params == base.count_params() == 2_257_984
+    assert 1.0 <= report.modulator_percent_of_base <= 2.0
