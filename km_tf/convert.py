@@ -15,7 +15,8 @@ from typing import Any
 
 import keras
 
-from km_tf.layers import (DEFAULT_FORM, DEFAULT_HIDDEN_UNITS, KM_LAYERS,
+from km_tf.layers import (DEFAULT_FILTER_UNITS, DEFAULT_FORM,
+                          DEFAULT_HIDDEN_UNITS, KM_LAYERS,
                           KernelModulatedConv2D, KernelModulatedDepthwiseConv2D,
                           check_modulator_options)
 from km_tf.walk import (BATCHNORM_TYPES, ROLE_HEAD, is_container,
@@ -28,7 +29,7 @@ _MODULATED_TWIN = {
     keras.layers.Conv2D: KernelModulatedConv2D,
     keras.layers.DepthwiseConv2D: KernelModulatedDepthwiseConv2D,
 }
-_KM_CONFIG_KEYS = ("hidden_units", "form")
+_KM_CONFIG_KEYS = ("hidden_units", "form", "filter_units")
 
 
 class UnsupportedLayerError(ValueError):
@@ -40,6 +41,7 @@ def modulate(
     *,
     hidden_units: int = DEFAULT_HIDDEN_UNITS,
     form: str = DEFAULT_FORM,
+    filter_units: int = DEFAULT_FILTER_UNITS,
     batchnorm: str = "train",
     head: Sequence[str] | None = None,
     skip: Sequence[str] = (),
@@ -55,8 +57,14 @@ def modulate(
         model: A functional or sequential Keras model (nested functional and
             sequential models, e.g. a `keras.applications` base inside a
             `Sequential`, are entered).
-        hidden_units: Hidden width of every modulator MLP (the size knob).
-        form: Modulator form, `"spatial"` or `"filter"` (see `layers.py`).
+        hidden_units: Hidden width of the modulators over spatial kernels
+            (the size knob).
+        form: Which kernel units the modulators work on: `"hybrid"`
+            (default), `"spatial"` or `"filter"`; see
+            `km_tf.layers.modulator_plan`.
+        filter_units: Hidden width of the modulators over whole filters
+            (pointwise kernels in the hybrid form, every Conv2D in the filter
+            form).
         batchnorm: `"train"`: BatchNorm gamma, beta and moving statistics
             train per task and are saved in the task file; `"freeze"`: they
             keep the base's values and BatchNorm runs in inference mode.
@@ -81,7 +89,7 @@ def modulate(
     >>> km = modulate(base, hidden_units=16)
     >>> km.compile("adam", "sparse_categorical_crossentropy")
     """
-    check_modulator_options(hidden_units, form)
+    check_modulator_options(hidden_units, form, filter_units)
     if batchnorm not in BATCHNORM_MODES:
         raise ValueError(
             f"`batchnorm` must be one of {BATCHNORM_MODES}; got {batchnorm!r}."
@@ -93,9 +101,9 @@ def modulate(
         twin = _MODULATED_TWIN.get(type(layer))
         if twin is None or layer.name in skip:
             return _copy_layer(layer)
-        return twin.from_config(
-            {**layer.get_config(), "hidden_units": hidden_units, "form": form}
-        )
+        return twin.from_config({**layer.get_config(),
+                                 "hidden_units": hidden_units, "form": form,
+                                 "filter_units": filter_units})
 
     modulated = _clone(model, clone_layer)
     for (_, source), (_, target) in zip(walk_layers(model),
@@ -244,13 +252,15 @@ def modulation_options(model: keras.Model) -> dict[str, Any]:
             f"Model {model.name!r} has no kernel-modulated layer: call "
             "km_tf.modulate(base) first."
         )
-    settings = {(layer.hidden_units, layer.form) for layer in km_layers}
+    settings = {(layer.hidden_units, layer.form, layer.filter_units)
+                for layer in km_layers}
     if len(settings) > 1:
         raise ValueError(
             f"Model {model.name!r} mixes modulator settings {sorted(settings)}"
-            "; km_tf task files expect one hidden_units/form per model."
+            "; km_tf task files expect one (hidden_units, form, filter_units) "
+            "per model."
         )
-    (hidden_units, form), = settings
+    (hidden_units, form, filter_units), = settings
     batchnorms = [layer for _, layer in walk_layers(model)
                   if isinstance(layer, BATCHNORM_TYPES)]
     plain_convs = [layer.name for _, layer in walk_layers(model)
@@ -260,6 +270,7 @@ def modulation_options(model: keras.Model) -> dict[str, Any]:
     return {
         "hidden_units": hidden_units,
         "form": form,
+        "filter_units": filter_units,
         "batchnorm": "train" if any(b.trainable for b in batchnorms)
         else "freeze",
         "head": head,

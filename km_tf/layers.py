@@ -6,11 +6,13 @@ trainable `KernelModulator` that rewrites every weight of it:
     W' = W * (1 + g(W / std(W)))
 
 where `g` is a two-layer MLP shared by all *kernel units* of the layer. A unit
-is a slice of the kernel along its leading axes: with the default "spatial"
-form, each `kh x kw` spatial kernel (one per input/output channel pair) is a
-unit; with the "filter" form, a whole output filter (`kh x kw x cin`) is. The
-MLP's output layer starts at zero, so a freshly modulated layer computes
-exactly what the base layer computes.
+is a slice of the kernel along its leading axes: a `kh x kw` spatial kernel
+(one per input/output channel pair), or a whole output filter
+(`kh x kw x cin`). The default "hybrid" form uses spatial units for kernels
+with a spatial extent (3x3, depthwise) and filter units for pointwise (1x1)
+kernels, where a spatial unit would be a single weight; BUILD.md gives the
+measurements behind that choice. The MLP's output layer starts at zero, so a
+freshly modulated layer computes exactly what the base layer computes.
 
 The layers follow Keras' LoRA pattern (`keras/src/layers/convolutional/
 base_conv.py`): the frozen weight lives in `_kernel`, and `kernel` is a property
@@ -26,26 +28,50 @@ from typing import Any
 import keras
 from keras import ops
 
-MODULATOR_FORMS = ("spatial", "filter")
-DEFAULT_HIDDEN_UNITS = 64
-DEFAULT_FORM = "spatial"
-
-# Number of leading kernel axes that make one modulated unit, per layer kind.
-_UNIT_AXES = {
-    ("conv", "spatial"): 2,  # (kh, kw) per (cin, cout) pair.
-    ("conv", "filter"): 3,  # (kh, kw, cin) per output filter.
-    ("depthwise", "spatial"): 2,  # (kh, kw) per (channel, multiplier).
-    ("depthwise", "filter"): 2,  # a depthwise filter is one spatial kernel.
-}
+MODULATOR_FORMS = ("hybrid", "spatial", "filter")
+DEFAULT_FORM = "hybrid"
+DEFAULT_HIDDEN_UNITS = 16
+DEFAULT_FILTER_UNITS = 1
 
 
-def check_modulator_options(hidden_units: int, form: str) -> None:
+def modulator_plan(kernel_shape: tuple[int, ...], form: str, *,
+                   hidden_units: int, filter_units: int,
+                   depthwise: bool) -> tuple[int, int]:
+    """Which kernel unit a layer's modulator works on, and its hidden width.
+
+    Args:
+        kernel_shape: `(kh, kw, cin, cout)` (or `(kh, kw, cin, multiplier)`
+            for a depthwise kernel).
+        form: `"spatial"`: one unit per `kh x kw` spatial kernel, everywhere
+            (a 1x1 kernel's unit is a single weight); `"filter"`: one unit
+            per whole output filter `kh x kw x cin`; `"hybrid"`: spatial
+            units where kernels have a spatial extent, filter units for
+            pointwise (1x1) kernels. A depthwise filter is one spatial
+            kernel, so depthwise layers always use spatial units.
+        hidden_units: Hidden width of spatial-unit modulators.
+        filter_units: Hidden width of filter-unit modulators.
+        depthwise: Whether the kernel is a depthwise kernel.
+
+    Returns:
+        `(unit_axes, width)`: how many leading kernel axes make one unit, and
+        the modulator's hidden width.
+    """
+    pointwise = kernel_shape[0] * kernel_shape[1] == 1
+    filter_units_here = not depthwise and (
+        form == "filter" or (form == "hybrid" and pointwise))
+    if filter_units_here:
+        return 3, filter_units
+    return 2, hidden_units
+
+
+def check_modulator_options(hidden_units: int, form: str,
+                            filter_units: int = DEFAULT_FILTER_UNITS) -> None:
     """Raises a ValueError naming a bad modulator size or form."""
-    if isinstance(hidden_units, bool) or not isinstance(hidden_units, int) \
-            or hidden_units < 1:
-        raise ValueError(
-            f"`hidden_units` must be a positive integer; got {hidden_units!r}."
-        )
+    for name, value in (("hidden_units", hidden_units),
+                        ("filter_units", filter_units)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"`{name}` must be a positive integer; got {value!r}.")
     if form not in MODULATOR_FORMS:
         raise ValueError(
             f"Unknown modulator form {form!r}. Use one of {MODULATOR_FORMS}."
@@ -144,17 +170,20 @@ class _KernelModulatedMixin:
     _layer_kind: str
     plain_class: type  # The Keras layer this one modulates (and bakes into).
 
-    def _init_modulator(self, hidden_units: int, form: str) -> None:
-        check_modulator_options(hidden_units, form)
+    def _init_modulator(self, hidden_units: int, form: str,
+                        filter_units: int) -> None:
+        check_modulator_options(hidden_units, form, filter_units)
         self.hidden_units = hidden_units
+        self.filter_units = filter_units
         self.form = form
-        self.modulator = KernelModulator(
-            hidden_units=hidden_units,
-            unit_axes=_UNIT_AXES[(self._layer_kind, form)],
-            name="modulator",
-        )
 
     def _build_modulator(self) -> None:
+        unit_axes, width = modulator_plan(
+            tuple(self._kernel.shape), self.form,
+            hidden_units=self.hidden_units, filter_units=self.filter_units,
+            depthwise=self._layer_kind == "depthwise")
+        self.modulator = KernelModulator(hidden_units=width,
+                                         unit_axes=unit_axes, name="modulator")
         self.modulator.build(self._kernel.shape)
         self._freeze_base()
 
@@ -201,7 +230,8 @@ class _KernelModulatedMixin:
         keras.layers.Layer.load_own_variables(self, store)
 
     def _modulator_config(self) -> dict[str, Any]:
-        return {"hidden_units": self.hidden_units, "form": self.form}
+        return {"hidden_units": self.hidden_units, "form": self.form,
+                "filter_units": self.filter_units}
 
 
 @keras.saving.register_keras_serializable(package="km_tf")
@@ -216,9 +246,11 @@ class KernelModulatedConv2D(_KernelModulatedMixin, keras.layers.Conv2D):
     Args:
         filters: As in `Conv2D`.
         kernel_size: As in `Conv2D`.
-        hidden_units: Hidden width of the modulator MLP.
-        form: `"spatial"` (one unit per kh x kw kernel, default) or
-            `"filter"` (one unit per kh x kw x cin output filter).
+        hidden_units: Hidden width of modulators over spatial kernel units.
+        form: `"hybrid"` (default), `"spatial"` or `"filter"`: which kernel
+            units the modulator works on (see `modulator_plan`).
+        filter_units: Hidden width of modulators over whole-filter units
+            (pointwise kernels in the hybrid form).
         **kwargs: Every other `Conv2D` argument.
 
     Input shape:
@@ -238,7 +270,9 @@ class KernelModulatedConv2D(_KernelModulatedMixin, keras.layers.Conv2D):
 
     def __init__(self, filters: int, kernel_size, *,
                  hidden_units: int = DEFAULT_HIDDEN_UNITS,
-                 form: str = DEFAULT_FORM, **kwargs: Any) -> None:
+                 form: str = DEFAULT_FORM,
+                 filter_units: int = DEFAULT_FILTER_UNITS,
+                 **kwargs: Any) -> None:
         if kwargs.get("lora_rank"):
             raise ValueError(
                 "KernelModulatedConv2D does not combine with LoRA: drop "
@@ -247,7 +281,7 @@ class KernelModulatedConv2D(_KernelModulatedMixin, keras.layers.Conv2D):
         kwargs.pop("lora_rank", None)
         kwargs.pop("lora_alpha", None)
         super().__init__(filters, kernel_size, **kwargs)
-        self._init_modulator(hidden_units, form)
+        self._init_modulator(hidden_units, form, filter_units)
 
     def build(self, input_shape) -> None:
         super().build(input_shape)
@@ -273,8 +307,10 @@ class KernelModulatedDepthwiseConv2D(_KernelModulatedMixin,
     Args:
         kernel_size: As in `DepthwiseConv2D`.
         hidden_units: Hidden width of the modulator MLP.
-        form: `"spatial"` or `"filter"` (identical for a depthwise kernel,
-            whose filters are single spatial kernels).
+        form: Accepted for symmetry with `KernelModulatedConv2D`; every form
+            is the same for a depthwise kernel, whose filters are single
+            spatial kernels.
+        filter_units: Unused by depthwise kernels (see `form`).
         **kwargs: Every other `DepthwiseConv2D` argument.
 
     Input shape:
@@ -294,9 +330,11 @@ class KernelModulatedDepthwiseConv2D(_KernelModulatedMixin,
 
     def __init__(self, kernel_size, *,
                  hidden_units: int = DEFAULT_HIDDEN_UNITS,
-                 form: str = DEFAULT_FORM, **kwargs: Any) -> None:
+                 form: str = DEFAULT_FORM,
+                 filter_units: int = DEFAULT_FILTER_UNITS,
+                 **kwargs: Any) -> None:
         super().__init__(kernel_size, **kwargs)
-        self._init_modulator(hidden_units, form)
+        self._init_modulator(hidden_units, form, filter_units)
 
     # DepthwiseConv2D.build assigns `self.kernel`; keep that weight as the
     # frozen `_kernel` so that `kernel` can serve the modulated one.

@@ -55,12 +55,25 @@ def test_identity_at_init_for_depthwise(case):
     np.testing.assert_array_equal(actual, expected)
 
 
-@pytest.mark.parametrize("form,unit", [("spatial", 9), ("filter", 9 * 4)])
-def test_modulator_unit_size_follows_form(form, unit):
-    layer = KernelModulatedConv2D(6, 3, hidden_units=5, form=form)
+@pytest.mark.parametrize("form,kernel_size,unit,width", [
+    ("spatial", 3, 9, 5), ("spatial", 1, 1, 5),
+    ("filter", 3, 9 * 4, 2), ("filter", 1, 4, 2),
+    ("hybrid", 3, 9, 5), ("hybrid", 1, 4, 2),
+])
+def test_modulator_unit_follows_form(form, kernel_size, unit, width):
+    layer = KernelModulatedConv2D(6, kernel_size, hidden_units=5,
+                                  filter_units=2, form=form)
     layer.build((None, 8, 8, 4))
     assert layer.modulator.unit_size == unit
-    assert tuple(layer.modulator.hidden_kernel.shape) == (5, unit)
+    assert tuple(layer.modulator.hidden_kernel.shape) == (width, unit)
+
+
+@pytest.mark.parametrize("form", ["spatial", "filter", "hybrid"])
+def test_depthwise_always_uses_spatial_units(form):
+    layer = KernelModulatedDepthwiseConv2D(3, hidden_units=5, form=form,
+                                           depth_multiplier=2)
+    layer.build((None, 8, 8, 4))
+    assert tuple(layer.modulator.hidden_kernel.shape) == (5, 9)
 
 
 def test_modulator_rewrites_every_weight_once_trained():
@@ -93,7 +106,7 @@ def test_depthwise_base_stays_frozen():
 @pytest.mark.parametrize("layer_class,config", [
     (KernelModulatedConv2D, dict(filters=3, kernel_size=3, strides=2,
                                  padding="same", hidden_units=7,
-                                 form="filter")),
+                                 form="filter", filter_units=3)),
     (KernelModulatedDepthwiseConv2D, dict(kernel_size=3, depth_multiplier=2,
                                           hidden_units=5)),
 ])
@@ -106,6 +119,7 @@ def test_config_round_trips(layer_class, config):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(hidden_units=0), "positive integer"),
+    (dict(filter_units=-1), "filter_units"),
     (dict(form="channel"), "Unknown modulator form"),
     (dict(lora_rank=4), "LoRA"),
 ])

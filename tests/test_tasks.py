@@ -65,7 +65,8 @@ def test_file_holds_only_task_tensors(trained_task):
 
 def test_options_are_recorded(trained_task):
     assert km_tf.read_task_options(trained_task[1]) == {
-        "hidden_units": 8, "form": "spatial", "batchnorm": "train",
+        "hidden_units": 8, "form": "hybrid", "filter_units": 1,
+        "batchnorm": "train",
         "head": ["head"], "skip": []}
 
 
@@ -212,8 +213,9 @@ def test_save_into_missing_folder_names_it(trained_task, tmp_path):
 def test_task_report_counts_roles(trained_task):
     km, path = trained_task
     report = km_tf.task_report(km)
-    # stem 3x3 (9 -> 8 -> 9), dw 3x3, project 1x1 (1 -> 8 -> 1), dilated 3x3.
-    per_3x3, per_1x1 = 9 * 8 + 8 + 8 * 9 + 9, 1 * 8 + 8 + 8 * 1 + 1
+    # Hybrid form: stem, dw and dilated 3x3 kernels get spatial units
+    # (9 -> 8 -> 9); the 1x1 "project" conv gets filter units (16 -> 1 -> 16).
+    per_3x3, per_1x1 = 9 * 8 + 8 + 8 * 9 + 9, 16 * 1 + 1 + 1 * 16 + 16
     assert report.modulator_params == 3 * per_3x3 + per_1x1
     assert report.batchnorm_params == 4 * (8 + 16)
     assert report.head_params == 12 * 3 + 3

@@ -1,0 +1,29 @@
+# The two entry points of README: `make main` and `make test`.
+# Both create .venv from requirements.txt on first use (Python 3.11).
+
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: main test test-fast setup
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+# The offline main job: pretrain a small base on digits 0-4, adapt a KM task
+# to digits 5-9, and write the task file and report under runs/main.
+main: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/python apps/train.py --output_dir=runs/main
+
+# The whole test suite (what CI runs).
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+# Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow"
