@@ -1,0 +1,629 @@
+"""Image-classification `tf.data` pipelines for base pretraining and KM tasks.
+
+One entry point, `load(spec, ...)`, reads a dataset named by a spec string:
+
+- `"digits[:CLASSES]"`: scikit-learn's 8x8 digits (offline; 1797 images).
+- `"skimage:faces[:CLASSES]"`: `skimage.data.lfw_subset()`, face / non_face.
+- `"skimage:textures[:CLASSES]"`: 32x32 patches cut from the texture images
+  of `skimage.data` (`TEXTURE_IMAGES`), one class per image.
+- `"tfds:NAME[:CLASSES]"`: a tensorflow-datasets image dataset (downloaded
+  into `data_dir` on first use, so it needs network once).
+- `"folder:PATH"`: a folder with one sub-folder of images per class.
+
+`CLASSES` picks a subset in order, re-indexed `0..k-1`: `0-4`, `5-9`,
+`1,3,7` or class names (`face,non_face`). E.g. `"digits:0-4"` to pretrain a
+base and `"digits:5-9"` as a new task.
+
+Every split yields `(images, labels)` batches: float32 images
+`(batch, height, width, 3)` normalised for the chosen base (see
+`km_tf.models.normalization_for`) and int32 labels. Datasets without a
+native validation or test split get one carved out of their training data,
+stratified per class and seeded.
+"""
+
+import dataclasses
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from km_tf.models.preprocessing import normalize
+
+SPLITS = ("train", "validation", "test")
+SKIMAGE_DATASETS = ("faces", "textures")
+# skimage.data images that ship in the wheel, one texture class each.
+TEXTURE_IMAGES = ("brick", "grass", "gravel", "immunohistochemistry")
+TEXTURE_PATCH = 32
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+SPEC_FORMS = (
+    "digits[:CLASSES]",
+    "skimage:faces|textures[:CLASSES]",
+    "tfds:NAME[:CLASSES]",
+    "folder:PATH",
+)
+# Augmentation at strength 1: zoom-in of the random crop, brightness shift
+# (in 0-255 pixel units).
+_MAX_ZOOM = 0.25
+_MAX_BRIGHTNESS = 64.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """A parsed spec string.
+
+    Attributes:
+        source: `"digits"`, `"skimage"`, `"tfds"` or `"folder"`.
+        name: Dataset name within the source, or the folder path.
+        classes: Class selectors (ints or names), or `None` for all.
+    """
+
+    source: str
+    name: str
+    classes: tuple[int | str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDatasets:
+    """Train, validation and test pipelines of one image dataset.
+
+    Attributes:
+        train: Shuffled (and, if asked, augmented) batches.
+        validation: Batches in a fixed order.
+        test: Batches in a fixed order.
+        num_classes: Number of classes (labels are `0..num_classes-1`).
+        class_names: Name of each label.
+        image_size: `(height, width)` of the images.
+        counts: Number of images in each split.
+    """
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    num_classes: int
+    class_names: tuple[str, ...]
+    image_size: tuple[int, int]
+    counts: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pool:
+    """Examples of one native split: labels in memory, images on demand.
+
+    `take(indices)` returns a dataset of `(uint8 image HxWxC, label)` for
+    the given example indices, in index order.
+    """
+
+    labels: np.ndarray
+    take: Callable[[np.ndarray], tf.data.Dataset]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """A dataset before selection: its class names and native splits."""
+
+    class_names: tuple[str, ...]
+    pools: dict[str, _Pool]  # "all", or tfds splits ("train", "test", ...)
+
+
+def load(
+    spec: str,
+    *,
+    image_size: int | tuple[int, int] = 96,
+    normalization: str = "tf",
+    classes: Sequence[int | str] | None = None,
+    shots: int | None = None,
+    validation_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    batch_size: int = 32,
+    augment: float = 0.0,
+    flip: bool = True,
+    seed: int = 0,
+    data_dir: str | None = None,
+    cache: bool = True,
+) -> ImageDatasets:
+    """Builds train / validation / test pipelines for a dataset spec.
+
+    Args:
+        spec: Dataset spec, see the module docstring (`"digits:0-4"`,
+            `"skimage:textures"`, `"tfds:oxford_flowers102"`,
+            `"folder:/data/birds"`).
+        image_size: Output height and width (int for square).
+        normalization: Input mode of the base, e.g.
+            `km_tf.models.normalization_for("mobilenet_v2")` (`"tf"`:
+            [-1, 1]; `"caffe"`; `"torch"`).
+        classes: Class subset, as ints or names, in the order that defines
+            the new labels. Not with a `CLASSES` part in `spec`.
+        shots: Few-shot: keep this many training images per class
+            (validation and test are unchanged).
+        validation_fraction: Share of each class carved from the training
+            data for validation when the dataset has no validation split.
+        test_fraction: The same for the test split.
+        batch_size: Batch size of all three pipelines.
+        augment: Augmentation strength in `[0, 1]` for the training split
+            (random crop/zoom, brightness, optional flip); 0 turns it off.
+        flip: Whether augmentation includes random left-right flips (turn
+            off for digits and text).
+        seed: Seed of the split, the few-shot draw and the shuffling.
+        data_dir: tensorflow-datasets data directory (`tfds:` only).
+        cache: Cache decoded, resized images in memory (before
+            augmentation).
+
+    Returns:
+        An `ImageDatasets`.
+
+    Raises:
+        ValueError: A malformed spec, unknown dataset or class, a folder
+            without class sub-folders or images, or too few images per class.
+        FileNotFoundError: The folder does not exist.
+
+    Example:
+    >>> data = load("digits:5-9", image_size=32, shots=10)
+    >>> model.fit(data.train, validation_data=data.validation, epochs=5)
+    """
+    parsed = parse_spec(spec)
+    if classes is not None and parsed.classes is not None:
+        raise ValueError(
+            f"Classes given twice: in the spec {spec!r} and as "
+            f"`classes={list(classes)}`; use one."
+        )
+    if not 0.0 <= augment <= 1.0:
+        raise ValueError(f"`augment` must be in [0, 1]; got {augment}.")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(
+        image_size
+    )
+    source = _SOURCES[parsed.source](parsed.name, data_dir)
+    selectors = classes if classes is not None else parsed.classes
+    keep = _class_ids(source.class_names, selectors, spec)
+    relabel = np.full(len(source.class_names), -1, np.int32)
+    relabel[keep] = np.arange(len(keep), dtype=np.int32)
+    selection = _split(
+        source, keep, validation_fraction, test_fraction, seed, spec
+    )
+    if shots is not None:
+        pool, indices = selection["train"]
+        selection["train"] = (pool, _few_shot(pool.labels, indices, shots,
+                                              source.class_names, seed))
+    datasets = {
+        split: _pipeline(
+            pool.take(indices),
+            relabel,
+            size,
+            normalization=normalization,
+            batch_size=batch_size,
+            training=split == "train",
+            augment=augment,
+            flip=flip,
+            seed=seed,
+            cache=cache,
+            count=len(indices),
+        )
+        for split, (pool, indices) in selection.items()
+    }
+    return ImageDatasets(
+        **datasets,
+        num_classes=len(keep),
+        class_names=tuple(source.class_names[i] for i in keep),
+        image_size=size,
+        counts={split: len(idx) for split, (_, idx) in selection.items()},
+    )
+
+
+def parse_spec(spec: str) -> DataSpec:
+    """Parses a dataset spec string.
+
+    Args:
+        spec: One of the forms in `SPEC_FORMS`, e.g. `"digits:0-4"`,
+            `"tfds:mnist:1,7"`, `"folder:/data/pets"`.
+
+    Returns:
+        A `DataSpec`.
+
+    Example:
+    >>> parse_spec("digits:5-9")
+    DataSpec(source='digits', name='digits', classes=(5, 6, 7, 8, 9))
+    """
+    source, _, rest = spec.partition(":")
+    if source not in _SOURCES:
+        raise ValueError(
+            f"Unknown data source {source!r} in spec {spec!r}; write one of "
+            f"{', '.join(SPEC_FORMS)}."
+        )
+    if source == "folder":
+        if not rest:
+            raise ValueError(f"Spec {spec!r} lacks the path: 'folder:PATH'.")
+        return DataSpec(source, rest)
+    if source == "digits":
+        name, selectors = "digits", rest
+    else:
+        name, _, selectors = rest.partition(":")
+        if not name:
+            raise ValueError(
+                f"Spec {spec!r} lacks the dataset name: '{source}:NAME'."
+            )
+    return DataSpec(source, name, _parse_classes(selectors) if selectors
+                    else None)
+
+
+def _parse_classes(text: str) -> tuple[int | str, ...]:
+    """Parses `0-4`, `1,3,7` or `cat,dog` into class selectors."""
+    selectors: list[int | str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        first, dash, last = item.partition("-")
+        if dash and first.isdigit() and last.isdigit():
+            selectors.extend(range(int(first), int(last) + 1))
+        else:
+            selectors.append(int(item) if item.isdigit() else item)
+    return tuple(selectors)
+
+
+def _class_ids(
+    class_names: Sequence[str],
+    selectors: Sequence[int | str] | None,
+    spec: str,
+) -> list[int]:
+    """Maps class selectors (ints or names) to the source's label ids."""
+    if selectors is None:
+        return list(range(len(class_names)))
+    ids = []
+    for selector in selectors:
+        if isinstance(selector, str) and selector in class_names:
+            ids.append(class_names.index(selector))
+        elif isinstance(selector, (int, np.integer)) and (
+            0 <= selector < len(class_names)
+        ):
+            ids.append(int(selector))
+        else:
+            raise ValueError(
+                f"Class {selector!r} is not in {spec!r}: it has "
+                f"{len(class_names)} classes (0-{len(class_names) - 1}), "
+                f"named {list(class_names)[:20]}."
+            )
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"Classes {list(selectors)} repeat a class.")
+    return ids
+
+
+def _split(
+    source: _Source,
+    keep: Sequence[int],
+    validation_fraction: float,
+    test_fraction: float,
+    seed: int,
+    spec: str,
+) -> dict[str, tuple[_Pool, np.ndarray]]:
+    """Chooses the examples of each split: native splits, else carved."""
+    carve_from = source.pools.get("train") or source.pools["all"]
+    fractions = {
+        split: fraction
+        for split, fraction in (("validation", validation_fraction),
+                                ("test", test_fraction))
+        if split not in source.pools
+    }
+    rng = np.random.default_rng(seed)
+    carved: dict[str, list[np.ndarray]] = {"train": [], **{
+        split: [] for split in fractions}}
+    for class_id in keep:
+        members = rng.permutation(np.flatnonzero(carve_from.labels == class_id))
+        total = len(members)
+        for split, fraction in fractions.items():
+            n = max(1, round(total * fraction)) if fraction else 0
+            carved[split].append(members[:n])
+            members = members[n:]
+        if not len(members):
+            raise ValueError(
+                f"Class {source.class_names[class_id]!r} of {spec!r} has too "
+                "few images to split into train/validation/test; add images "
+                "or lower `validation_fraction` / `test_fraction`."
+            )
+        carved["train"].append(members)
+    selection = {
+        split: (carve_from, np.sort(np.concatenate(parts)))
+        for split, parts in carved.items()
+    }
+    for split in SPLITS:
+        if split not in selection:
+            pool = source.pools[split]
+            selection[split] = (pool, np.flatnonzero(np.isin(pool.labels,
+                                                             keep)))
+    return {split: selection[split] for split in SPLITS}
+
+
+def _few_shot(
+    labels: np.ndarray,
+    indices: np.ndarray,
+    shots: int,
+    class_names: Sequence[str],
+    seed: int,
+) -> np.ndarray:
+    """Keeps `shots` random examples of each class among `indices`."""
+    if shots < 1:
+        raise ValueError(f"`shots` must be >= 1; got {shots}.")
+    rng = np.random.default_rng(seed + 1)
+    chosen = []
+    for class_id in np.unique(labels[indices]):
+        members = indices[labels[indices] == class_id]
+        if len(members) < shots:
+            raise ValueError(
+                f"Class {class_names[class_id]!r} has {len(members)} training "
+                f"images, fewer than shots={shots}."
+            )
+        chosen.append(rng.choice(members, shots, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _pipeline(
+    dataset: tf.data.Dataset,
+    relabel: np.ndarray,
+    size: tuple[int, int],
+    *,
+    normalization: str,
+    batch_size: int,
+    training: bool,
+    augment: float,
+    flip: bool,
+    seed: int,
+    cache: bool,
+    count: int,
+) -> tf.data.Dataset:
+    """Resize -> cache -> shuffle -> augment -> batch -> normalise."""
+    relabel = tf.constant(relabel)
+    dataset = dataset.map(
+        lambda image, label: (_resize_rgb(image, size),
+                              tf.gather(relabel, label)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    if cache:
+        dataset = dataset.cache()
+    if training:
+        dataset = dataset.shuffle(max(count, 1), seed=seed,
+                                  reshuffle_each_iteration=True)
+        if augment:
+            dataset = dataset.map(
+                lambda image, label: (
+                    _augment(image, augment, flip=flip, seed=seed), label),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+    dataset = dataset.batch(batch_size).map(
+        lambda images, labels: (
+            normalize(tf.cast(images, tf.float32), normalization), labels),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _resize_rgb(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """Any uint8 image (1, 3 or 4 channels) -> uint8 RGB of `size`."""
+    channels = image.shape[-1]
+    if channels == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    elif channels != 3:
+        image = image[..., :3]
+    image = tf.image.resize(image, size, antialias=True)
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+
+
+def _augment(
+    image: tf.Tensor, strength: float, *, flip: bool, seed: int
+) -> tf.Tensor:
+    """Random zoom-crop, brightness and (optionally) flip; float 0-255 out."""
+    height, width = image.shape[0], image.shape[1]
+    zoom = 1.0 + _MAX_ZOOM * strength
+    image = tf.image.resize(
+        image, (round(height * zoom), round(width * zoom))
+    )
+    image = tf.image.random_crop(image, (height, width, 3), seed=seed)
+    image = tf.image.random_brightness(
+        image, _MAX_BRIGHTNESS * strength, seed=seed
+    )
+    if flip:
+        image = tf.image.random_flip_left_right(image, seed=seed)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+# Sources: name (or path) and data_dir -> _Source.
+
+
+def _array_pool(images: np.ndarray, labels: np.ndarray) -> _Pool:
+    """A pool over uint8 images held in memory."""
+    labels = np.asarray(labels, np.int64)
+    return _Pool(
+        labels,
+        lambda indices: tf.data.Dataset.from_tensor_slices(
+            (images[indices], labels[indices])
+        ),
+    )
+
+
+def _to_uint8_rgb(images: np.ndarray, max_value: float) -> np.ndarray:
+    """Grayscale `(n, h, w)` in `[0, max_value]` -> uint8 `(n, h, w, 3)`."""
+    scaled = np.round(np.asarray(images, np.float64) * (255.0 / max_value))
+    gray = np.clip(scaled, 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def _digits_source(name: str, data_dir: str | None) -> _Source:
+    """scikit-learn's 8x8 digits (values 0-16), classes '0'..'9'."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return _Source(
+        tuple(str(c) for c in range(10)),
+        {"all": _array_pool(_to_uint8_rgb(digits.images, 16.0),
+                            digits.target)},
+    )
+
+
+def _skimage_source(name: str, data_dir: str | None) -> _Source:
+    """`skimage.data`: 'faces' (lfw_subset) or 'textures' (patches)."""
+    import skimage.data
+    from skimage.util import img_as_float
+
+    if name == "faces":
+        faces = img_as_float(skimage.data.lfw_subset())
+        labels = np.repeat([0, 1], len(faces) // 2)  # 100 faces first
+        return _Source(("face", "non_face"),
+                       {"all": _array_pool(_to_uint8_rgb(faces, 1.0), labels)})
+    if name == "textures":
+        from skimage.color import rgb2gray
+
+        patches, labels = [], []
+        for class_id, image_name in enumerate(TEXTURE_IMAGES):
+            image = img_as_float(getattr(skimage.data, image_name)())
+            if image.ndim == 3:
+                image = rgb2gray(image[..., :3])
+            tiles = _tiles(image, TEXTURE_PATCH)
+            patches.append(tiles)
+            labels.append(np.full(len(tiles), class_id))
+        return _Source(
+            TEXTURE_IMAGES,
+            {"all": _array_pool(_to_uint8_rgb(np.concatenate(patches), 1.0),
+                                np.concatenate(labels))},
+        )
+    raise ValueError(
+        f"Unknown skimage dataset {name!r}; choose one of "
+        f"{', '.join(SKIMAGE_DATASETS)} ('skimage:faces')."
+    )
+
+
+def _tiles(image: np.ndarray, size: int) -> np.ndarray:
+    """Non-overlapping `size` x `size` tiles of a 2-D image."""
+    rows, cols = image.shape[0] // size, image.shape[1] // size
+    image = image[: rows * size, : cols * size]
+    return image.reshape(rows, size, cols, size).swapaxes(1, 2).reshape(
+        -1, size, size
+    )
+
+
+def _folder_source(path: str, data_dir: str | None) -> _Source:
+    """One sub-folder of images per class; names sorted alphabetically."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Image folder {path!r} does not exist.")
+    class_names = sorted(
+        entry.name for entry in os.scandir(path)
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
+    layout = (f"put each class's images in its own sub-folder, e.g. "
+              f"{os.path.join(path, 'cat', '001.png')} and "
+              f"{os.path.join(path, 'dog', '001.png')}")
+    if not class_names:
+        raise ValueError(
+            f"Image folder {path!r} has no class sub-folders: {layout}."
+        )
+    paths, labels = [], []
+    for class_id, class_name in enumerate(class_names):
+        files = _image_files(os.path.join(path, class_name))
+        if not files:
+            raise ValueError(
+                f"Class folder {os.path.join(path, class_name)!r} holds no "
+                f"images ({', '.join(IMAGE_EXTENSIONS)}); add some or "
+                f"remove it: {layout}."
+            )
+        paths += files
+        labels += [class_id] * len(files)
+    paths, labels = np.array(paths), np.array(labels, np.int64)
+
+    def take(indices: np.ndarray) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices(
+            (paths[indices], labels[indices])
+        ).map(lambda file, label: (_decode(file), label),
+              num_parallel_calls=tf.data.AUTOTUNE)
+
+    return _Source(tuple(class_names), {"all": _Pool(labels, take)})
+
+
+def _image_files(folder: str) -> list[str]:
+    """Image files below `folder` (recursively), sorted."""
+    return sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+def _decode(file: tf.Tensor) -> tf.Tensor:
+    """Reads and decodes one image file to uint8 RGB."""
+    return tf.io.decode_image(
+        tf.io.read_file(file), channels=3, expand_animations=False
+    )
+
+
+def _tfds_source(name: str, data_dir: str | None) -> _Source:
+    """A tensorflow-datasets image dataset with (image, label) keys."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"Unknown tensorflow-datasets dataset {name!r}: check the name in "
+            "the tfds catalog (`tfds.list_builders()`), e.g. "
+            "'tfds:oxford_flowers102'."
+        ) from None
+    try:
+        builder.download_and_prepare()
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not download and prepare tfds dataset {name!r} into "
+            f"data_dir={builder.data_dir!r} ({error}). This machine may be "
+            f"offline: run `tfds build {name} --data_dir DIR` where there is "
+            "network, copy DIR here and pass `data_dir=DIR`, or use a "
+            "'folder:', 'digits' or 'skimage:' spec."
+        ) from error
+    info = builder.info
+    if info.supervised_keys is None or len(info.supervised_keys) != 2:
+        raise ValueError(
+            f"tfds dataset {name!r} has no (image, label) supervised keys."
+        )
+    image_key, label_key = info.supervised_keys
+    # An unprepared (or mocked) builder lists no splits: assume the usual.
+    available = set(info.splits.keys()) or {"train", "test"}
+    return _Source(
+        tuple(info.features[label_key].names),
+        {split: _tfds_pool(builder, split, image_key)
+         for split in SPLITS if split in available},
+    )
+
+
+def _tfds_pool(builder, split: str, image_key: str) -> _Pool:
+    """A pool over one tfds split; images are decoded only when taken."""
+    import tensorflow_datasets as tfds
+
+    def read() -> tf.data.Dataset:
+        return builder.as_dataset(
+            split=split,
+            as_supervised=True,
+            shuffle_files=False,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+        )
+
+    labels = np.concatenate(
+        [np.zeros(0, np.int64)]
+        + list(read().map(lambda _, label: label).batch(4096)
+               .as_numpy_iterator())
+    )
+    feature = builder.info.features[image_key]
+
+    def take(indices: np.ndarray) -> tf.data.Dataset:
+        mask = np.zeros(len(labels), bool)
+        mask[indices] = True
+        mask = tf.constant(mask)
+        return (
+            read()
+            .enumerate()
+            .filter(lambda i, example: tf.gather(mask, i))
+            .map(lambda i, example: (feature.decode_example(example[0]),
+                                     example[1]),
+                 num_parallel_calls=tf.data.AUTOTUNE)
+        )
+
+    return _Pool(labels, take)
+
+
+_SOURCES: dict[str, Callable[[str, str | None], _Source]] = {
+    "digits": _digits_source,
+    "skimage": _skimage_source,
+    "tfds": _tfds_source,
+    "folder": _folder_source,
+}
