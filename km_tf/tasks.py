@@ -83,8 +83,9 @@ def task_variables(model: keras.Model) -> list[TaskVariable]:
 def base_fingerprint(model: keras.Model) -> str:
     """SHA-256 of the frozen base: its layer layout and frozen weights.
 
-    Covers every layer's path, type (KM layers count as their plain twins)
-    and weight shapes, and the values of every weight that no task changes:
+    Covers the type (KM layers count as their plain twins) and weight shapes
+    of every layer with weights, in order (not their names, which Keras may
+    regenerate on save/load), and the values of every weight that no task changes:
     the base kernels of KM layers and all frozen layers. Per-task values
     (modulators, trained BatchNorm, head) are left out, so every task trained
     on one base shares its fingerprint.
@@ -100,7 +101,10 @@ def base_fingerprint(model: keras.Model) -> str:
                 [layer.bias] if layer.use_bias else [])
         else:
             weights = layer.weights
-        digest.update(f"{path}:{kind}:".encode())
+        if not layer.weights:
+            continue  # Weightless layers (inputs, activations) get auto names.
+        # Names are left out: Keras renames auto-named layers on save/load.
+        digest.update(f"{kind}:".encode())
         for weight in weights:
             digest.update(f"{tuple(weight.shape)};".encode())
             if role != ROLE_BATCHNORM:

@@ -1,0 +1,90 @@
+"""Measures the accuracy of a base network, or of a KM task on it.
+
+    python apps/evaluate.py --base=runs/main/base.keras \\
+        --task=runs/main/task.kmtask --data=digits:5-9
+    python apps/evaluate.py --base=runs/main/base.keras --data=digits:0-4
+
+With `--task` the base is modulated as the task file says
+(`km_tf.read_task_options`), the task is loaded into it and scored;
+without, the base itself is scored. Use the same `--data`, `--seed` and
+fractions as training so that the held-out split is the same one. Prints
+the accuracy and writes it as JSON with `--output`.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+# apps/ is a folder of programs, not a package: put the repository root on
+# the path for km_tf.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import app, flags  # noqa: E402
+
+import keras  # noqa: E402
+
+from km_tf import data, models, tasks, training  # noqa: E402
+
+SPLITS = ("train", "validation", "test")
+
+# Model.
+flags.DEFINE_string("base", None, "The base network's .keras file.")
+flags.DEFINE_string("task", None, "A .kmtask file trained on --base; omit to "
+                    "evaluate the base alone.")
+flags.DEFINE_enum("normalization", None, list(models.NORMALIZATIONS),
+                  "Input normalisation; default: the one of the base's "
+                  "architecture (its model name).")
+# Data.
+flags.DEFINE_string("data", None, "Dataset spec (see km_tf.data), e.g. "
+                    "digits:5-9.")
+flags.DEFINE_enum("split", "test", list(SPLITS), "Split to score.")
+flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data folder.")
+flags.DEFINE_integer("seed", 0, "Seed of the split (as in training).")
+# Output.
+flags.DEFINE_string("output", None, "Also write the result to this JSON file.")
+flags.mark_flags_as_required(["base", "data"])
+
+FLAGS = flags.FLAGS
+
+
+def _normalization(base: keras.Model) -> str:
+    """The flag's normalisation, else the one of the base's architecture."""
+    if FLAGS.normalization:
+        return FLAGS.normalization
+    if base.name in models.MODEL_NAMES:
+        return models.normalization_for(base.name)
+    raise app.UsageError(
+        f"Cannot tell the input normalisation of base {base.name!r} (not one "
+        f"of {', '.join(models.MODEL_NAMES)}): pass --normalization.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
+    base = keras.saving.load_model(FLAGS.base, compile=False)
+    dataset = data.load(FLAGS.data, image_size=tuple(base.input_shape[1:3]),
+                        normalization=_normalization(base),
+                        batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                        data_dir=FLAGS.data_dir)
+    model = base
+    if FLAGS.task:
+        model = training.restore_task_model(base, FLAGS.task,
+                                            dataset.num_classes)
+    accuracy = training.evaluate_accuracy(model, getattr(dataset,
+                                                         FLAGS.split))
+    result = {"base": FLAGS.base, "task": FLAGS.task, "data": FLAGS.data,
+              "split": FLAGS.split, "images": dataset.counts[FLAGS.split],
+              "accuracy": accuracy}
+    print(f"{FLAGS.task or FLAGS.base} on {FLAGS.data} ({FLAGS.split}, "
+          f"{result['images']} images): accuracy {100 * accuracy:.2f}%")
+    if FLAGS.output:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)),
+                    exist_ok=True)
+        tasks._write_atomically(FLAGS.output,
+                                (json.dumps(result, indent=2) + "\n").encode())
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,128 @@
+"""Transfer benchmark: KM against head / BN / LoRA / full fine-tuning.
+
+One protocol, one base, the same budget for every method (see
+`km_tf/benchmark.py` for the method table and the protocol). Writes
+`<output>.json`, `<output>.png` and `--markdown` (RESULTS.md).
+
+Offline suite (runs here, ~15-25 min on 2 CPU cores; the pretrained base is
+cached next to the results, so reruns skip pretraining):
+
+    .venv/bin/python bench/transfer.py
+
+Online suites (ImageNet weights and tfds datasets are downloaded: needs
+network; see bench/results/RESULTS.md for a time estimate):
+
+    .venv/bin/python bench/transfer.py --suite=online_mobilenet_v2 \\
+        --output=bench/results/transfer_mobilenet_v2 \\
+        --markdown=bench/results/RESULTS_mobilenet_v2.md
+    .venv/bin/python bench/transfer.py --suite=online_resnet50 ...
+
+Smoke run (seconds): `--suite=smoke`.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from km_tf import benchmark  # noqa: E402
+import transfer_report  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+flags.DEFINE_enum("suite", "offline", list(benchmark.SUITES),
+                  "Benchmark configuration (base, tasks, budget).")
+flags.DEFINE_list("methods", None,
+                  f"Methods to run (default all): {list(benchmark.METHODS)}.")
+flags.DEFINE_list("tasks", None, "Override the suite's task specs, e.g. "
+                  "'digits:5-9'; shots/fractions come from the suite when the "
+                  "spec is one of its tasks.")
+flags.DEFINE_integer("steps", None, "Override training steps per run.")
+flags.DEFINE_integer("seeds", None, "Override the number of seeds.")
+flags.DEFINE_list("learning_rates", None, "Override the sweep grid.")
+flags.DEFINE_integer("image_size", None, "Override the base input size.")
+flags.DEFINE_integer("pretrain_steps", None, "Override base pretraining.")
+flags.DEFINE_string("output", str(RESULTS / "transfer"),
+                    "Results path stem (.json and .png are written).")
+flags.DEFINE_string("markdown", str(RESULTS / "RESULTS.md"),
+                    "Markdown report path.")
+flags.DEFINE_bool("report_only", False,
+                  "Rebuild the PNG and Markdown from `<output>.json` without "
+                  "training (e.g. after a change to the report).")
+flags.DEFINE_string("cache_dir", None,
+                    "Where the pretrained base is cached (default: the "
+                    "output's folder).")
+
+
+def configured_suite() -> benchmark.Suite:
+    """The chosen suite with the flag overrides applied."""
+    FLAGS = flags.FLAGS
+    suite = benchmark.SUITES[FLAGS.suite]
+    base = suite.base
+    if FLAGS.image_size:
+        base = dataclasses.replace(base, image_size=FLAGS.image_size)
+    if FLAGS.pretrain_steps:
+        base = dataclasses.replace(base, pretrain_steps=FLAGS.pretrain_steps)
+    changes = {"base": base}
+    if FLAGS.tasks:
+        known = {task.spec: task for task in
+                 (*suite.tasks, *benchmark.OFFLINE_TASKS)}
+        changes["tasks"] = tuple(known.get(spec, benchmark.TaskSpec(spec))
+                                 for spec in FLAGS.tasks)
+    if FLAGS.steps:
+        changes["steps"] = FLAGS.steps
+    if FLAGS.seeds:
+        changes["seeds"] = FLAGS.seeds
+    if FLAGS.learning_rates:
+        changes["learning_rates"] = tuple(float(r)
+                                          for r in FLAGS.learning_rates)
+    if FLAGS.methods:
+        changes["methods"] = tuple(FLAGS.methods)
+    return dataclasses.replace(suite, **changes)
+
+
+def main(argv):
+    del argv
+    output = Path(flags.FLAGS.output)
+    if flags.FLAGS.report_only:
+        results = json.loads(output.with_suffix(".json").read_text())
+        transfer_report.write_all(results, output, flags.FLAGS.markdown)
+        return
+    suite = configured_suite()
+    cache_dir = flags.FLAGS.cache_dir or str(output.parent)
+    load_before = os.getloadavg()[0]
+    results = benchmark.run_suite(suite, cache_dir)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    results.update(
+        command=" ".join(["python", *sys.argv]),
+        date=time.strftime("%Y-%m-%d %H:%M"),
+        machine={"platform": platform.platform(),
+                 "processor": platform.machine(),
+                 "cpu_count": os.cpu_count(),
+                 "tensorflow": tf.__version__, "keras": keras.__version__,
+                 "gpus": len(tf.config.list_physical_devices("GPU")),
+                 # Other work shares the machine: how busy it was, and how
+                 # much CPU this run got.
+                 "load_average_start_end": [round(load_before, 2),
+                                            round(os.getloadavg()[0], 2)],
+                 "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)},
+    )
+    transfer_report.write_all(results, output, flags.FLAGS.markdown)
+    logging.info("Wrote %s.json/.png and %s (%.1f min).", output,
+                 flags.FLAGS.markdown, results["seconds_total"] / 60)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,708 @@
+"""Transfer benchmark: one protocol, one base, several per-task methods.
+
+Every method adapts the same pretrained base to each target task under the
+same budget (optimizer, steps, batch size, learning-rate sweep, seeds); only
+*which* variables train per task differs. The method table:
+
+    head         the Dense head only; BatchNorm frozen (inference mode).
+    bn_head      BatchNorm (gamma, beta, moving statistics) + head.
+    lora         Keras LoRA (`Conv2D.enable_lora`) + BatchNorm + head, at the
+                 rank whose per-task bytes come closest to the default KM's.
+                 `DepthwiseConv2D` has no LoRA: depthwise kernels stay frozen.
+    km           `km_tf.modulate` with its default settings.
+    km_*         KM variants for the design study (size, form, BatchNorm).
+    full         every weight trains; a task stores the whole network.
+
+Protocol (`run_suite`): the learning rate of each (method, task) is chosen by
+a sweep on the validation split with seed 0 (best final validation accuracy,
+ties broken by validation loss); that run is seed 0's result, and the other
+seeds rerun at the chosen rate. Seeds change the train/validation/test draw,
+the few-shot sample, the initialisation of the per-task weights and the batch
+order. Accuracy is on the test split. Per-task bytes count float32 tensors a
+task must store besides the shared base (see `per_task_bytes`).
+
+Speed: tracing a MobileNetV2 train step costs 30-70 s on two busy CPU cores,
+so each method is traced once and reused for every task, rate and seed. All
+tasks share one head of `max(num_classes)` outputs; a task with `k` classes
+masks the other logits out of the loss and the prediction, which is exactly a
+`k`-class head (the masked columns get zero gradient), and its stored bytes
+count only the `k` columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from km_tf import data as km_data
+from km_tf import models
+from km_tf.convert import modulate
+from km_tf.tasks import task_report
+from km_tf.walk import BATCHNORM_TYPES, walk_layers
+
+HEAD = models.HEAD_NAME
+_MASKED_LOGIT = -1e9
+
+
+# ----------------------------------------------------------------------------
+# Bases and tasks.
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSpec:
+    """The frozen base every method starts from.
+
+    Attributes:
+        model: A `km_tf.models` name, or `"tiny_convnet"` (smoke tests).
+        image_size: Input height and width.
+        alpha: Width multiplier (ignored for models without one).
+        weights: `"imagenet"`, or `None` to pretrain on `pretrain` here.
+        pretrain: Dataset spec of the source task (when `weights` is None).
+        pretrain_steps: Training steps of the source task.
+        pretrain_lr: Peak Adam learning rate of the source task.
+        bn_momentum: BatchNorm momentum of the base (see PITFALLS).
+    """
+
+    model: str = "mobilenet_v2"
+    image_size: int = 32
+    alpha: float = 0.35
+    weights: str | None = None
+    pretrain: str | None = "digits:0-4"
+    pretrain_steps: int = 600
+    pretrain_lr: float = 3e-3
+    bn_momentum: float = 0.9
+
+    def cache_name(self) -> str:
+        """A file name that changes whenever the pretrained base would."""
+        source = (self.pretrain or "none").replace(":", "-").replace(",", "_")
+        return (f"base_{self.model}_a{self.alpha}_{self.image_size}px_"
+                f"{self.weights or source}_{self.pretrain_steps}steps_"
+                f"lr{self.pretrain_lr}_bn{self.bn_momentum}.keras")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One target task.
+
+    Attributes:
+        spec: A `km_tf.data.load` spec (`"digits:5-9"`, `"tfds:dtd"`).
+        shots: Training images per class (`None`: all).
+        validation_fraction: Validation share carved per class, when the
+            dataset has no validation split.
+        test_fraction: The same for the test split.
+        flip: Whether augmentation may flip images (unused when `augment`
+            is 0).
+    """
+
+    spec: str
+    shots: int | None = None
+    validation_fraction: float = 0.2
+    test_fraction: float = 0.3
+    flip: bool = True
+
+    @property
+    def name(self) -> str:
+        """Short name: the spec without a `skimage:`/`tfds:` prefix."""
+        source, _, rest = self.spec.partition(":")
+        short = rest if source in ("skimage", "tfds") else self.spec
+        return short.replace(":", "_")
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A full benchmark configuration.
+
+    Attributes:
+        base: The base network.
+        tasks: Target tasks.
+        steps: Training steps per run (same for every method).
+        batch_size: Batch size of every run.
+        learning_rates: The sweep grid (same for every method).
+        seeds: Number of seeds (0..seeds-1).
+        augment: Augmentation strength for task training (see `data.load`).
+        methods: Names from `METHODS` to run (all by default).
+        cache: Keep decoded images in memory (small offline data only;
+            large tfds datasets at 224px would need tens of GB).
+    """
+
+    base: BaseSpec
+    tasks: tuple[TaskSpec, ...]
+    steps: int = 60
+    batch_size: int = 32
+    learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    seeds: int = 3
+    augment: float = 0.0
+    methods: tuple[str, ...] | None = None
+    cache: bool = True
+
+
+OFFLINE_TASKS = (
+    TaskSpec("digits:5-9", shots=40, flip=False),
+    TaskSpec("skimage:faces"),
+    TaskSpec("skimage:textures", shots=40),
+)
+ONLINE_TASKS = tuple(
+    TaskSpec(f"tfds:{name}", validation_fraction=0.1, test_fraction=0.0,
+             flip=name != "svhn_cropped")  # All five have a native test split.
+    for name in ("cifar100", "oxford_flowers102", "oxford_iiit_pet", "dtd",
+                 "svhn_cropped"))
+SUITES: dict[str, Suite] = {
+    # Runs here: ~15-25 min on 2 CPU cores.
+    "offline": Suite(BaseSpec(), OFFLINE_TASKS),
+    # The paper's transfer setting; needs network (ImageNet weights, tfds).
+    "online_mobilenet_v2": Suite(
+        BaseSpec("mobilenet_v2", 224, 1.0, "imagenet", None),
+        ONLINE_TASKS, steps=2000, batch_size=64, augment=0.5, cache=False),
+    "online_resnet50": Suite(
+        BaseSpec("resnet50", 224, 1.0, "imagenet", None),
+        ONLINE_TASKS, steps=2000, batch_size=64, augment=0.5, cache=False),
+    # Smoke test: a tiny network, one task, a few steps.
+    "smoke": Suite(
+        BaseSpec("tiny_convnet", 16, 1.0, None, "digits:0-4", 20),
+        OFFLINE_TASKS[:1], steps=4, learning_rates=(3e-3,), seeds=1),
+}
+
+
+def tiny_convnet(num_classes: int, image_size: int) -> keras.Model:
+    """A five-conv network with every layer kind KM touches (smoke tests)."""
+    layers = keras.layers
+    inputs = keras.Input((image_size, image_size, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False,
+                      name="stem")(inputs)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU()(x)
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False,
+                               name="dw")(x)
+    x = layers.BatchNormalization(name="dw_bn")(x)
+    x = layers.ReLU()(x)
+    x = layers.Conv2D(16, 1, use_bias=False, name="project")(x)
+    x = layers.BatchNormalization(name="project_bn")(x)
+    trunk = keras.Model(inputs, layers.ReLU()(x), name="tiny_convnet")
+    return models.add_head(trunk, num_classes)
+
+
+def build_base_model(spec: BaseSpec, num_classes: int) -> keras.Model:
+    """Builds the (untrained or ImageNet) base classifier of `spec`."""
+    if spec.model == "tiny_convnet":
+        return tiny_convnet(num_classes, spec.image_size)
+    alpha = spec.alpha if models.get_spec(spec.model).width_multiplier else 1.0
+    return models.build_model(
+        spec.model, num_classes, image_size=spec.image_size, alpha=alpha,
+        weights=spec.weights, bn_momentum=spec.bn_momentum)
+
+
+def normalization(spec: BaseSpec) -> str:
+    """Input normalisation mode of the base."""
+    return ("tf" if spec.model == "tiny_convnet"
+            else models.normalization_for(spec.model))
+
+
+def pretrained_base(spec: BaseSpec, cache_dir: str | os.PathLike,
+                    batch_size: int = 32) -> tuple[keras.Model, dict]:
+    """Returns the base classifier and a report, pretraining it if needed.
+
+    ImageNet bases are only built. Otherwise the base is trained on
+    `spec.pretrain` and cached as `cache_dir/spec.cache_name()`, so that a
+    rerun loads it instead.
+    """
+    if spec.weights is not None:
+        base = build_base_model(spec, 1000)
+        return base, {"weights": spec.weights, "params": base.count_params()}
+    path = os.path.join(cache_dir, spec.cache_name())
+    source = km_data.load(spec.pretrain, image_size=spec.image_size,
+                          normalization=normalization(spec),
+                          batch_size=batch_size, flip=False, seed=0)
+    if os.path.exists(path):
+        logging.info("Loading the cached base %s.", path)
+        base = keras.saving.load_model(path, compile=False)
+        seconds = 0.0
+    else:
+        logging.info("Pretraining %s on %s for %d steps.", spec.model,
+                     spec.pretrain, spec.pretrain_steps)
+        keras.utils.set_random_seed(0)
+        base = build_base_model(spec, source.num_classes)
+        for layer in base.layers:
+            layer.trainable = True
+        start = time.perf_counter()
+        trainer = Trainer(base, source.num_classes)
+        trainer.train(source.train, source.num_classes, spec.pretrain_steps,
+                      spec.pretrain_lr)
+        seconds = time.perf_counter() - start
+        os.makedirs(cache_dir, exist_ok=True)
+        base.save(path)
+    accuracy, _ = Trainer(base, source.num_classes).evaluate(
+        source.test, source.num_classes)
+    logging.info("Base test accuracy on %s: %.3f", spec.pretrain, accuracy)
+    return base, {"pretrain": spec.pretrain, "cache": os.path.basename(path),
+                  "params": base.count_params(),
+                  "pretrain_test_accuracy": round(accuracy, 4),
+                  "pretrain_seconds": round(seconds, 1)}
+
+
+# ----------------------------------------------------------------------------
+# Methods.
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One way to adapt the base to a task.
+
+    Attributes:
+        name: Short key (JSON, flags).
+        label: Human-readable name (tables, plot).
+        group: `"baseline"` or `"km"` (the design study).
+        prepare: `(task_model, lora_rank) -> model` with exactly the
+            per-task variables trainable; `task_model` is a fresh copy of
+            the base with a new head.
+        km_options: `km_tf.modulate` options (KM methods only).
+    """
+
+    name: str
+    label: str
+    group: str
+    prepare: Callable[[keras.Model, int], keras.Model]
+    km_options: dict[str, Any] | None = None
+
+
+def _set_trainable(model: keras.Model, *, batchnorm: bool, head: bool,
+                   other: bool) -> keras.Model:
+    """Sets layer flags one by one (never `model.trainable`; see PITFALLS)."""
+    for _, layer in walk_layers(model):
+        if isinstance(layer, BATCHNORM_TYPES):
+            layer.trainable = batchnorm
+        elif layer.name == HEAD:
+            layer.trainable = head
+        else:
+            layer.trainable = other
+    return model
+
+
+def _head_only(model: keras.Model, rank: int) -> keras.Model:
+    return _set_trainable(model, batchnorm=False, head=True, other=False)
+
+
+def _batchnorm_head(model: keras.Model, rank: int) -> keras.Model:
+    return _set_trainable(model, batchnorm=True, head=True, other=False)
+
+
+def _full(model: keras.Model, rank: int) -> keras.Model:
+    return _set_trainable(model, batchnorm=True, head=True, other=True)
+
+
+def lora_layers(model: keras.Model) -> list[keras.layers.Conv2D]:
+    """The layers Keras LoRA can adapt: plain `Conv2D` (not depthwise)."""
+    return [layer for _, layer in walk_layers(model)
+            if type(layer) is keras.layers.Conv2D]
+
+
+def _lora(model: keras.Model, rank: int) -> keras.Model:
+    """LoRA on every Conv2D, plus BatchNorm and head, base kernels frozen.
+
+    Layer flags first, then `enable_lora` (which freezes `_kernel`), then
+    the conv biases: setting `trainable` after would unfreeze them.
+    """
+    _set_trainable(model, batchnorm=True, head=True, other=False)
+    for layer in lora_layers(model):
+        layer.trainable = True
+        layer.enable_lora(rank)
+        if layer.use_bias:
+            layer.bias.trainable = False
+    return model
+
+
+def _km(**options: Any) -> Callable[[keras.Model, int], keras.Model]:
+    def prepare(model: keras.Model, rank: int) -> keras.Model:
+        return modulate(model, **options)
+    return prepare
+
+
+def km_defaults() -> dict[str, Any]:
+    """`km_tf.modulate`'s default modulator options (read, not copied)."""
+    return {name: parameter.default for name, parameter
+            in inspect.signature(modulate).parameters.items()
+            if name in ("hidden_units", "form", "filter_units", "batchnorm")}
+
+
+def _km_label(options: dict[str, Any]) -> str:
+    settings = {**km_defaults(), **options}
+    form = settings["form"]
+    sizes = {"spatial": f"h{settings['hidden_units']}",
+             "filter": f"f{settings['filter_units']}"}.get(
+        form, f"h{settings['hidden_units']}/f{settings['filter_units']}")
+    frozen = ", BN frozen" if settings["batchnorm"] == "freeze" else ""
+    return f"{form} {sizes}{frozen}"
+
+
+def _km_method(name: str, **options: Any) -> Method:
+    label = ("KM default (" + _km_label(options) + ")" if name == "km"
+             else "KM " + _km_label(options))
+    return Method(name, label, "km", _km(**options), options)
+
+
+METHODS: dict[str, Method] = {method.name: method for method in (
+    Method("head", "head only", "baseline", _head_only),
+    Method("bn_head", "BatchNorm + head", "baseline", _batchnorm_head),
+    Method("lora", "LoRA + BN + head", "baseline", _lora),
+    _km_method("km"),
+    _km_method("km_spatial16", form="spatial", hidden_units=16),
+    _km_method("km_spatial64", form="spatial", hidden_units=64),
+    _km_method("km_filter4", form="filter", filter_units=4),
+    _km_method("km_bnfreeze", batchnorm="freeze"),
+    Method("full", "full fine-tuning", "baseline", _full),
+)}
+
+
+def method_names(requested: Sequence[str] | None = None) -> list[str]:
+    """Methods to run, in table order, without KM variants equal to `km`.
+
+    A variant whose options resolve to the defaults (e.g. `km_spatial16`
+    if the default were spatial/16) duplicates `km` and is dropped.
+    """
+    defaults = km_defaults()
+    names = list(requested or METHODS)
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; choose from "
+                         f"{', '.join(METHODS)}.")
+    kept = []
+    for name in METHODS:
+        method = METHODS[name]
+        if name not in names:
+            continue
+        if (method.km_options and name != "km" and "km" in names
+                and {**defaults, **method.km_options} == defaults):
+            continue
+        kept.append(name)
+    return kept
+
+
+# ----------------------------------------------------------------------------
+# Per-task bytes.
+
+
+def per_task_bytes(model: keras.Model, num_classes: int | None = None) -> int:
+    """Bytes (float32) a task must store besides the shared base.
+
+    Counts every trainable variable and, for BatchNorm layers that train,
+    their moving statistics (they change per task too). For full
+    fine-tuning that is the whole network. `num_classes` counts only that
+    many columns of the head (see the module docstring on shared heads).
+    """
+    total = 0
+    for _, layer in walk_layers(model):
+        if isinstance(layer, BATCHNORM_TYPES) and layer.trainable:
+            variables = layer.weights
+        else:
+            variables = [v for v in layer.trainable_weights
+                         if v.trainable]
+        for variable in variables:
+            shape = list(variable.shape)
+            if layer.name == HEAD and num_classes is not None:
+                shape[-1] = num_classes
+            total += 4 * math.prod(shape)
+    return total
+
+
+def check_km_bytes(model: keras.Model, head_classes: int) -> None:
+    """Cross-checks `per_task_bytes` against `km_tf.task_report`."""
+    expected = task_report(model).task_bytes
+    found = per_task_bytes(model, head_classes)
+    if found != expected:
+        raise AssertionError(
+            f"per_task_bytes {found} != task_report {expected} for a KM model")
+
+
+def lora_params(model: keras.Model, rank: int) -> int:
+    """Parameters `enable_lora(rank)` adds to the Conv2D layers of `model`."""
+    return sum(rank * (math.prod(layer.kernel.shape[:-1]) + layer.filters)
+               for layer in lora_layers(model))
+
+
+def matching_lora_rank(task_model: keras.Model, target_bytes: int) -> int:
+    """The LoRA rank whose per-task bytes come closest to `target_bytes`."""
+    fixed = per_task_bytes(_batchnorm_head(_clone(task_model), 0))
+    per_rank = 4 * lora_params(task_model, 1)
+    if per_rank == 0:
+        return 1
+    return max(1, round((target_bytes - fixed) / per_rank))
+
+
+def _clone(model: keras.Model) -> keras.Model:
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+# ----------------------------------------------------------------------------
+# Training.
+
+
+def cosine_rate(peak: float, step: int, steps: int) -> float:
+    """Cosine decay from `peak` to 0 over `steps`."""
+    return 0.5 * peak * (1.0 + math.cos(math.pi * min(step / steps, 1.0)))
+
+
+class Trainer:
+    """A compiled train step and predictor for one model, reusable.
+
+    Tracing happens once; `reset` puts every variable (model and optimizer)
+    back to given values, so one trace serves every task, rate and seed.
+    Logits of classes `>= num_classes` are masked (shared head).
+
+    Args:
+        model: The model to train (its trainable variables train).
+        outputs: Logits of the model.
+    """
+
+    def __init__(self, model: keras.Model, outputs: int) -> None:
+        self.model = model
+        self.optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+        self.optimizer.build(model.trainable_variables)
+        self.mask = tf.Variable(tf.zeros([outputs]), trainable=False)
+        self.outputs = outputs
+        shape = [None, *model.inputs[0].shape[1:]]
+        images = tf.TensorSpec(shape, tf.float32)
+        labels = tf.TensorSpec([None], tf.int32)
+        self._train_step = tf.function(self._step,
+                                       input_signature=[images, labels])
+        self._logits = tf.function(
+            lambda x: model(x, training=False) + self.mask,
+            input_signature=[images])
+
+    def _step(self, images, labels):
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True) + self.mask
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        return loss
+
+    def step(self, images, labels) -> float:
+        """One training step at the current learning rate; returns the loss."""
+        return float(self._train_step(images, tf.cast(labels, tf.int32)))
+
+    def set_classes(self, num_classes: int) -> None:
+        """Masks the logits of classes `num_classes..outputs-1`."""
+        mask = np.zeros(self.outputs, np.float32)
+        mask[num_classes:] = _MASKED_LOGIT
+        self.mask.assign(mask)
+
+    def reset(self, values: Sequence[np.ndarray]) -> None:
+        """Assigns `values` to the model's variables, zeroes the optimizer."""
+        for variable, value in zip(self.model.variables, values, strict=True):
+            variable.assign(value)
+        for variable in self.optimizer.variables:
+            variable.assign(tf.zeros(variable.shape, variable.dtype))
+
+    def train(self, dataset: tf.data.Dataset, num_classes: int, steps: int,
+              peak_rate: float) -> float:
+        """Trains `steps` Adam steps with cosine decay; returns the last loss."""
+        self.set_classes(num_classes)
+        loss = float("nan")
+        batches = iter(dataset.repeat())
+        for step in range(steps):
+            self.optimizer.learning_rate = cosine_rate(peak_rate, step, steps)
+            loss = self.step(*next(batches))
+        return loss
+
+    def evaluate(self, dataset: tf.data.Dataset,
+                 num_classes: int) -> tuple[float, float]:
+        """Returns (accuracy, mean cross-entropy) over a dataset."""
+        self.set_classes(num_classes)
+        correct = total = 0
+        loss_sum = 0.0
+        for images, labels in dataset:
+            logits = self._logits(images).numpy()
+            labels = labels.numpy()
+            correct += int(np.sum(np.argmax(logits, -1) == labels))
+            total += len(labels)
+            shifted = logits - logits.max(-1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(-1,
+                                                             keepdims=True))
+            loss_sum += float(-log_probs[np.arange(len(labels)),
+                                         labels].sum())
+        return correct / max(total, 1), loss_sum / max(total, 1)
+
+
+# ----------------------------------------------------------------------------
+# The suite.
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One training run."""
+
+    method: str
+    task: str
+    seed: int
+    learning_rate: float
+    phase: str  # "sweep" or "seed"
+    validation_accuracy: float
+    validation_loss: float
+    test_accuracy: float
+    final_train_loss: float
+    seconds: float
+
+
+def _variable_values(model: keras.Model) -> list[np.ndarray]:
+    return [keras.ops.convert_to_numpy(v) for v in model.variables]
+
+
+def _task_model(base: keras.Model, outputs: int, seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return models.replace_head(base, outputs)
+
+
+def run_suite(suite: Suite, output_dir: str | os.PathLike,
+              progress: Callable[[str], None] = logging.info) -> dict:
+    """Runs every method on every task; returns the JSON-ready results."""
+    start = time.perf_counter()
+    base, base_report = pretrained_base(suite.base, output_dir,
+                                        suite.batch_size)
+    names = method_names(suite.methods)
+    norm = normalization(suite.base)
+
+    def load(task: TaskSpec, seed: int) -> km_data.ImageDatasets:
+        return km_data.load(
+            task.spec, image_size=suite.base.image_size, normalization=norm,
+            shots=task.shots, validation_fraction=task.validation_fraction,
+            test_fraction=task.test_fraction, batch_size=suite.batch_size,
+            augment=suite.augment, flip=task.flip, seed=seed,
+            cache=suite.cache)
+
+    datasets = {(task.name, seed): load(task, seed)
+                for task in suite.tasks for seed in range(suite.seeds)}
+    classes = {task.name: datasets[task.name, 0].num_classes
+               for task in suite.tasks}
+    counts = {task.name: datasets[task.name, 0].counts for task in suite.tasks}
+    outputs = max(classes.values())
+
+    km_model = modulate(_task_model(base, outputs, 0))
+    check_km_bytes(km_model, outputs)
+    rank = matching_lora_rank(_task_model(base, outputs, 0),
+                              per_task_bytes(km_model, outputs))
+    del km_model
+    progress(f"LoRA rank {rank} matches the default KM's per-task bytes.")
+
+    runs: list[RunResult] = []
+    method_info: dict[str, dict] = {}
+    for index, name in enumerate(names, start=1):
+        method = METHODS[name]
+        method_start = time.perf_counter()
+        inits = []
+        for seed in range(suite.seeds):
+            model = method.prepare(_task_model(base, outputs, seed), rank)
+            inits.append(_variable_values(model))
+        trainer = Trainer(model, outputs)
+        method_info[name] = {
+            "label": method.label, "group": method.group,
+            "km_options": method.km_options,
+            "lora_rank": rank if name == "lora" else None,
+            "per_task_bytes": {task: per_task_bytes(model, k)
+                               for task, k in classes.items()},
+            "trainable_variables": len(model.trainable_variables),
+        }
+        for task in suite.tasks:
+            k = classes[task.name]
+
+            def run(seed: int, rate: float, phase: str) -> RunResult:
+                run_start = time.perf_counter()
+                data = datasets[task.name, seed]
+                trainer.reset(inits[seed])
+                keras.utils.set_random_seed(seed)
+                loss = trainer.train(data.train, k, suite.steps, rate)
+                val_acc, val_loss = trainer.evaluate(data.validation, k)
+                test_acc, _ = trainer.evaluate(data.test, k)
+                result = RunResult(name, task.name, seed, rate, phase,
+                                   round(val_acc, 4), round(val_loss, 4),
+                                   round(test_acc, 4), round(loss, 4),
+                                   round(time.perf_counter() - run_start, 1))
+                progress(f"[{index}/{len(names)}] {name:<12} "
+                         f"{task.name:<10} seed {seed} lr {rate:g}: val "
+                         f"{val_acc:.3f} test {test_acc:.3f} "
+                         f"({result.seconds:.0f}s)")
+                return result
+
+            sweep = [run(0, rate, "sweep") for rate in suite.learning_rates]
+            runs += sweep
+            best = max(sweep, key=lambda r: (r.validation_accuracy,
+                                             -r.validation_loss))
+            runs += [run(seed, best.learning_rate, "seed")
+                     for seed in range(1, suite.seeds)]
+        method_info[name]["seconds"] = round(
+            time.perf_counter() - method_start, 1)
+        del trainer, model, inits
+        keras.backend.clear_session(free_memory=True)
+
+    results = {
+        "suite": dataclasses.asdict(suite),
+        "base": base_report,
+        "tasks": {task.name: {"spec": task.spec, "classes": classes[task.name],
+                              "counts_seed0": counts[task.name]}
+                  for task in suite.tasks},
+        "methods": method_info,
+        "runs": [dataclasses.asdict(r) for r in runs],
+        "seconds_total": round(time.perf_counter() - start, 1),
+    }
+    results["summary"] = summarize(results)
+    return results
+
+
+def run_count(suite: Suite) -> int:
+    """Training runs a suite makes: sweep at seed 0, then the other seeds."""
+    return (len(method_names(suite.methods)) * len(suite.tasks)
+            * (len(suite.learning_rates) + suite.seeds - 1))
+
+
+def selected_runs(results: dict, method: str, task: str) -> list[dict]:
+    """The runs that count for (method, task): the chosen rate, every seed."""
+    runs = [r for r in results["runs"]
+            if r["method"] == method and r["task"] == task]
+    sweep = [r for r in runs if r["phase"] == "sweep"]
+    best = max(sweep, key=lambda r: (r["validation_accuracy"],
+                                     -r["validation_loss"]))
+    return [best] + [r for r in runs if r["phase"] == "seed"]
+
+
+def summarize(results: dict) -> dict:
+    """Per method and task: chosen rate, test accuracy mean/std, bytes."""
+    summary = {}
+    for method, info in results["methods"].items():
+        per_task = {}
+        for task in results["tasks"]:
+            chosen = selected_runs(results, method, task)
+            accuracies = np.array([r["test_accuracy"] for r in chosen])
+            per_task[task] = {
+                "learning_rate": chosen[0]["learning_rate"],
+                "test_accuracy_mean": round(float(accuracies.mean()), 4),
+                "test_accuracy_std": round(float(accuracies.std(ddof=1))
+                                           if len(accuracies) > 1 else 0.0, 4),
+                "test_accuracies": accuracies.tolist(),
+                "per_task_bytes": info["per_task_bytes"][task],
+            }
+        # Mean over tasks per seed, then mean/std over seeds.
+        by_seed = np.array([[per_task[t]["test_accuracies"][s]
+                             for t in per_task]
+                            for s in range(len(next(iter(
+                                per_task.values()))["test_accuracies"]))])
+        task_mean = by_seed.mean(axis=1)
+        summary[method] = {
+            "tasks": per_task,
+            "mean_test_accuracy": round(float(task_mean.mean()), 4),
+            "mean_test_accuracy_std": round(float(task_mean.std(ddof=1))
+                                            if len(task_mean) > 1 else 0.0, 4),
+            "mean_per_task_bytes": round(float(np.mean(
+                list(info["per_task_bytes"].values())))),
+        }
+    return summary

@@ -1,0 +1,286 @@
+"""Training helpers: optimizer and schedule from flags, callbacks, fit.
+
+One stage (pretraining a base, or training one KM task) is
+`fit_and_evaluate(build, data, ...)`: it builds the model and optimizer in
+the strategy's scope, compiles a logits classifier, fits with
+`BackupAndRestore` (a killed run resumes at the epoch it stopped in),
+`ModelCheckpoint` and optionally `TensorBoard`, and returns the model with
+its accuracy and timing.
+
+Example:
+>>> strategy = km_tf.distribute.make_strategy("default")
+>>> data = km_tf.data.load("digits:5-9", image_size=32)
+>>> result = fit_and_evaluate(
+...     lambda: km_tf.models.build_task_model(base, data.num_classes),
+...     data, strategy=strategy, optimizer=OptimizerOptions(),
+...     epochs=10, backup_dir="runs/x/backup/task", write_dir="runs/x",
+...     stage="task")
+>>> km_tf.save_task(result.model, "runs/x/task.kmtask")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from km_tf.data import ImageDatasets
+from km_tf.distribute import patch_keras_multi_worker
+from km_tf.models import build_task_model
+from km_tf.tasks import PathLike, load_task, read_task_options
+
+OPTIMIZERS = ("adam", "sgd", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+    """What the optimizer flags choose.
+
+    Attributes:
+        name: One of `OPTIMIZERS`.
+        learning_rate: Peak learning rate.
+        schedule: `"constant"`, or `"cosine"` (decays to 0 at the last step).
+        warmup_steps: Linear warm-up steps before the schedule.
+        weight_decay: Decoupled weight decay (`adamw` only).
+        momentum: Momentum (`sgd` only; Nesterov).
+    """
+
+    name: str = "adam"
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {self.name!r}; choose one of "
+                             f"{', '.join(OPTIMIZERS)}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {self.schedule!r}; choose one "
+                             f"of {', '.join(SCHEDULES)}.")
+        if not self.learning_rate > 0:
+            raise ValueError("`learning_rate` must be positive; got "
+                             f"{self.learning_rate}.")
+        if self.warmup_steps < 0:
+            raise ValueError("`warmup_steps` must be >= 0; got "
+                             f"{self.warmup_steps}.")
+
+
+def learning_rate_schedule(options: OptimizerOptions, total_steps: int
+                           ) -> float | keras.optimizers.schedules.CosineDecay:
+    """The learning rate (or schedule) for `total_steps` training steps.
+
+    Both schedules are Keras' own `CosineDecay` (constant is a cosine whose
+    floor is its peak), so a saved model needs no custom objects.
+
+    Args:
+        options: Optimizer options.
+        total_steps: Steps of the whole run, warm-up included.
+
+    Returns:
+        A float for a constant rate without warm-up, else a schedule.
+    """
+    if total_steps < 1:
+        raise ValueError(f"`total_steps` must be >= 1; got {total_steps}.")
+    peak, warmup = options.learning_rate, min(options.warmup_steps,
+                                              total_steps - 1)
+    if options.schedule == "constant" and not warmup:
+        return peak
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak / (warmup + 1) if warmup else peak,
+        decay_steps=max(total_steps - warmup, 1),
+        alpha=1.0 if options.schedule == "constant" else 0.0,
+        warmup_target=peak if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
+def make_optimizer(options: OptimizerOptions,
+                   total_steps: int) -> keras.optimizers.Optimizer:
+    """Builds the optimizer; call it inside `strategy.scope()`."""
+    rate = learning_rate_schedule(options, total_steps)
+    if options.name == "sgd":
+        return keras.optimizers.SGD(rate, momentum=options.momentum,
+                                    nesterov=True)
+    if options.name == "adamw":
+        return keras.optimizers.AdamW(rate, weight_decay=options.weight_decay)
+    return keras.optimizers.Adam(rate)
+
+
+def compile_classifier(model: keras.Model,
+                       optimizer: keras.optimizers.Optimizer | str
+                       ) -> keras.Model:
+    """Compiles a logits classifier: sparse cross-entropy and accuracy."""
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return model
+
+
+def make_callbacks(*, backup_dir: PathLike, checkpoint_path: PathLike | None,
+                   log_dir: PathLike | None = None,
+                   monitor: str = "val_accuracy"
+                   ) -> list[keras.callbacks.Callback]:
+    """The callbacks of a resumable run.
+
+    Args:
+        backup_dir: `BackupAndRestore` folder, one per stage and worker (see
+            `km_tf.distribute.backup_dir_for`); it is deleted when `fit`
+            completes and read back when a killed run starts again.
+        checkpoint_path: `.weights.h5` file for the best weights by
+            `monitor`; `None` for none.
+        log_dir: TensorBoard folder; `None` for none.
+        monitor: Metric that picks the best checkpoint.
+
+    Returns:
+        The callbacks, `BackupAndRestore` first.
+    """
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(os.fspath(backup_dir))]
+    if checkpoint_path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(checkpoint_path)),
+                    exist_ok=True)
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            os.fspath(checkpoint_path), monitor=monitor, save_best_only=True,
+            save_weights_only=True))
+    if log_dir is not None:
+        callbacks.append(keras.callbacks.TensorBoard(os.fspath(log_dir)))
+    return callbacks
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What one training stage gives back.
+
+    Attributes:
+        model: The trained model (last epoch's weights).
+        epochs: The (1-based) epochs this call ran; after a resume, the
+            first ones are missing.
+        history: Keras' per-epoch logs of this call.
+        accuracy: Accuracy per evaluated split (`"validation"`, `"test"`).
+        seconds: Wall time of the stage (building, fitting, evaluating).
+    """
+
+    model: keras.Model
+    epochs: list[int]
+    history: dict[str, list[float]]
+    accuracy: dict[str, float]
+    seconds: float
+
+
+def fit_and_evaluate(
+    build: Callable[[], keras.Model],
+    data: ImageDatasets,
+    *,
+    strategy: tf.distribute.Strategy,
+    optimizer: OptimizerOptions,
+    epochs: int,
+    backup_dir: PathLike,
+    write_dir: PathLike,
+    stage: str,
+    steps_per_epoch: int | None = None,
+    tensorboard: bool = False,
+    verbose: str | int = "auto",
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> FitResult:
+    """Builds, compiles, fits and evaluates one model under a strategy.
+
+    Args:
+        build: Makes the model; called inside `strategy.scope()`.
+        data: Train / validation / test pipelines (batches are global).
+        strategy: From `km_tf.distribute.make_strategy`.
+        optimizer: Optimizer and schedule options.
+        epochs: Epochs of the whole run (a resumed run runs the rest).
+        backup_dir: This worker's `BackupAndRestore` folder for the stage.
+        write_dir: Where this worker writes checkpoints and logs
+            (`checkpoints/{stage}.weights.h5`, `logs/{stage}`).
+        stage: Stage name used in those paths.
+        steps_per_epoch: Train steps per epoch (the training data repeats);
+            `None` for one pass over it.
+        tensorboard: Write TensorBoard logs.
+        verbose: Keras `fit` verbosity (`"auto"`: a progress bar).
+        callbacks: More callbacks, after the standard ones.
+
+    Returns:
+        A `FitResult`.
+    """
+    if epochs < 1:
+        raise ValueError(f"`epochs` must be >= 1; got {epochs}.")
+    start = time.perf_counter()
+    train = data.train
+    if steps_per_epoch is None:
+        steps = _batches_per_pass(train)
+    else:
+        steps, train = steps_per_epoch, train.repeat()
+    with strategy.scope():
+        model = build()
+        compile_classifier(model, make_optimizer(optimizer, epochs * steps))
+    patch_keras_multi_worker(model)
+    standard = make_callbacks(
+        backup_dir=backup_dir,
+        checkpoint_path=os.path.join(write_dir, "checkpoints",
+                                     f"{stage}.weights.h5"),
+        log_dir=os.path.join(write_dir, "logs", stage) if tensorboard
+        else None,
+    )
+    history = model.fit(
+        train, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        validation_data=data.validation, callbacks=[*standard, *callbacks],
+        shuffle=False, verbose=verbose)  # The datasets shuffle themselves.
+    accuracy = {split: evaluate_accuracy(model, getattr(data, split))
+                for split in ("validation", "test")}
+    return FitResult(model=model, epochs=[e + 1 for e in history.epoch],
+                     history=history.history, accuracy=accuracy,
+                     seconds=time.perf_counter() - start)
+
+
+def evaluate_accuracy(model: keras.Model, dataset: tf.data.Dataset,
+                      *, steps: int | None = None) -> float:
+    """Top-1 accuracy of a logits (or probabilities) classifier."""
+    if not model.compiled:
+        compile_classifier(model, "sgd")  # The optimizer stays unused.
+    logs = model.evaluate(dataset, steps=steps, verbose=0, return_dict=True)
+    if "accuracy" not in logs:
+        raise ValueError(
+            f"Model {model.name!r} was compiled without an 'accuracy' metric "
+            "(it has " + ", ".join(logs) + "); compile it with "
+            "km_tf.training.compile_classifier.")
+    return float(logs["accuracy"])
+
+
+def restore_task_model(base: keras.Model, task_path: PathLike,
+                       num_classes: int, **head_options: Any) -> keras.Model:
+    """Rebuilds a trained task: the base, modulated as the file says, loaded.
+
+    Args:
+        base: The base classifier the task was trained on.
+        task_path: A `.kmtask` file from `km_tf.save_task`.
+        num_classes: Classes of the task (the head's size).
+        **head_options: For `km_tf.models.build_task_model` (`head_layer`).
+
+    Returns:
+        The KM model with the task's weights.
+    """
+    model = build_task_model(base, num_classes, **head_options,
+                             **read_task_options(task_path))
+    load_task(model, task_path)
+    return model
+
+
+def _batches_per_pass(dataset: tf.data.Dataset) -> int:
+    """How many batches one pass over a finite dataset yields."""
+    count = int(dataset.cardinality())
+    if count < 1:
+        raise ValueError(
+            "Cannot tell how many batches the training data holds (its "
+            f"cardinality is {count}): pass `steps_per_epoch`.")
+    return count

@@ -1,0 +1,94 @@
+"""Tests for apps/train.py and apps/evaluate.py, run as programs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The default run (pretrain on digits 0-4, a KM task on digits 5-9) on a
+# budget small enough for CI: it checks the wiring, not the accuracy.
+SMALL_BUDGET = """\
+--pretrain_epochs=1
+--task_epochs=2
+--steps_per_epoch=2
+--verbose=2
+"""
+
+
+def run_app(name: str, *flags: str, timeout: float = 600
+            ) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                   "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "apps" / f"{name}.py"), *flags],
+        env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def check(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    """The default train run on a small budget, flags from a --flagfile."""
+    folder = tmp_path_factory.mktemp("run")
+    flagfile = folder / "small.flags"
+    flagfile.write_text(SMALL_BUDGET)
+    check(run_app("train", f"--flagfile={flagfile}",
+                  f"--output_dir={folder / 'out'}"))
+    return folder / "out"
+
+
+@pytest.mark.slow
+def test_default_run_writes_the_base_task_file_and_report(default_run):
+    assert {"base.keras", "task.kmtask", "report.json", "report.txt"} <= {
+        p.name for p in default_run.iterdir()}
+    assert not (default_run / "backup").exists()
+    report = json.loads((default_run / "report.json").read_text())
+    pretrain, task = report["stages"]
+    assert (pretrain["stage"], pretrain["data"]) == ("pretrain", "digits:0-4")
+    assert (task["stage"], task["data"]) == ("task", "digits:5-9")
+    assert task["epochs"] == [1, 2]
+    assert set(task["accuracy"]) == {"validation", "test"}
+    assert task["task"]["task_bytes"] == 4 * task["task"]["task_params"]
+    assert 0 < task["task"]["task_percent_of_base"] < 100
+    assert report["settings"]["mode"] == "all"
+    text = (default_run / "report.txt").read_text()
+    assert "task / base" in text and "[task] digits:5-9" in text
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_task_as_training_did(default_run, tmp_path):
+    output = tmp_path / "eval.json"
+    stdout = check(run_app(
+        "evaluate", f"--base={default_run / 'base.keras'}",
+        f"--task={default_run / 'task.kmtask'}", "--data=digits:5-9",
+        f"--output={output}"))
+    assert "accuracy" in stdout
+    result = json.loads(output.read_text())
+    report = json.loads((default_run / "report.json").read_text())
+    expected = report["stages"][1]["accuracy"]["test"]
+    assert result["accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_base_alone(default_run, tmp_path):
+    output = tmp_path / "eval.json"
+    check(run_app("evaluate", f"--base={default_run / 'base.keras'}",
+                  "--data=digits:0-4", f"--output={output}"))
+    report = json.loads((default_run / "report.json").read_text())
+    expected = report["stages"][0]["accuracy"]["test"]
+    assert json.loads(output.read_text())["accuracy"] == pytest.approx(
+        expected, abs=1e-6)
+
+
+def test_task_mode_without_a_base_file_says_what_to_pass(tmp_path):
+    result = run_app("train", "--mode=task", f"--base={tmp_path / 'no.keras'}",
+                     f"--output_dir={tmp_path}")
+    assert result.returncode != 0
+    assert "--mode=pretrain" in result.stderr

@@ -1,0 +1,100 @@
+"""Exports KM tasks to TFLite: one `.tflite` and one report per task file.
+
+    python tflite/export.py --base=base.keras --task=a.kmtask --task=b.kmtask \\
+        --preset=int8 --calibration_dataset=data.npz --output_dir=out/
+
+Each task is loaded into the base (`modulate` + `load_task`), baked into a
+plain Keras model and converted with the chosen preset (see
+`km_tf/export_presets.py`). For every model the program writes
+`<task>_<preset>.tflite`, `<task>_<preset>.report.json` and `.report.txt`
+(size, ops, IO types and scales, float-vs-TFLite parity on held-out data);
+`micro` adds a C array + header and the TFLite Micro arena, `edgetpu` the
+Edge TPU compatibility check and the `edgetpu_compiler` command. Without
+`--task` the base itself is exported. Long flag sets go in `--flagfile`.
+"""
+
+import sys
+from pathlib import Path
+
+# tflite/ is a folder of programs, not a package (a package named `tflite`
+# would shadow the PyPI one): put the repository root on the path for km_tf.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import app, flags, logging  # noqa: E402
+
+from km_tf import TaskFileError, export  # noqa: E402
+from km_tf.export_presets import (DEFAULT_CALIBRATION_SAMPLES,  # noqa: E402
+                                  INTEGER_IO_TYPES, PRESETS, get_preset)
+from km_tf.micro import BOARDS, DEFAULT_BOARDS, MicroRuntimeError  # noqa: E402
+
+# Inputs.
+flags.DEFINE_string("base", None, "The base network's .keras file (the plain "
+                    "pretrained model the tasks were trained on).")
+flags.DEFINE_multi_string("task", [], "A task file from km_tf.save_task; "
+                          "repeat for several tasks (one .tflite each). "
+                          "Omit to export the base itself.")
+flags.DEFINE_string("calibration_dataset", None,
+                    "An .npz with model-ready float images: x_train "
+                    "(calibration, from the task's training data) and "
+                    "optionally y_train, x_test, y_test (held-out parity). "
+                    "Required by the int8, micro and edgetpu presets.")
+# Conversion.
+flags.DEFINE_enum("preset", "float32", sorted(PRESETS),
+                  "; ".join(f"{p.name}: {p.summary}"
+                            for p in PRESETS.values()))
+flags.DEFINE_enum("io_type", None, list(INTEGER_IO_TYPES),
+                  "Input/output type of the int8/micro presets (default: "
+                  "the preset's; edgetpu is always uint8).")
+flags.DEFINE_integer("calibration_samples", DEFAULT_CALIBRATION_SAMPLES,
+                     "Training samples that calibrate int8 quantization.")
+flags.DEFINE_integer("parity_samples", export.DEFAULT_PARITY_SAMPLES,
+                     "Held-out samples for the float-vs-TFLite parity check.")
+# Outputs.
+flags.DEFINE_string("output_dir", None, "Folder for models and reports.")
+flags.DEFINE_list("boards", list(DEFAULT_BOARDS),
+                  f"micro: boards to check the arena/flash against "
+                  f"({', '.join(sorted(BOARDS))}).")
+flags.DEFINE_string("c_symbol", "model",
+                    "micro: C name of the model array in the generated source.")
+flags.mark_flags_as_required(["base", "output_dir"])
+
+
+def main(argv):
+    del argv  # Unused.
+    preset = get_preset(flags.FLAGS.preset, flags.FLAGS.io_type)
+    calibration = heldout = None
+    if flags.FLAGS.calibration_dataset:
+        x_train, _, x_test, y_test = export.load_npz_dataset(
+            flags.FLAGS.calibration_dataset)
+        calibration = x_train
+        heldout = None if x_test is None else (x_test, y_test)
+    base = export.load_base(flags.FLAGS.base)
+    sources = flags.FLAGS.task or [None]
+    summary = []
+    for task in sources:
+        name = Path(task).stem if task else Path(flags.FLAGS.base).stem
+        logging.info("Exporting %s with preset %s.", name, preset.name)
+        model = export.load_baked_task(base, task) if task else base
+        result = export.export_model(
+            model, preset, flags.FLAGS.output_dir, name,
+            calibration_data=calibration,
+            calibration_samples=flags.FLAGS.calibration_samples,
+            heldout=heldout, parity_samples=flags.FLAGS.parity_samples,
+            boards=flags.FLAGS.boards, c_symbol=flags.FLAGS.c_symbol,
+            source={"base": flags.FLAGS.base, "task": task or ""})
+        print(result.report_text)
+        summary.append(result.report)
+    export.write_summary(summary, flags.FLAGS.output_dir)
+
+
+def run(argv):
+    """`main` with bad input turned into one clear line instead of a trace."""
+    try:
+        main(argv)
+    except (FileNotFoundError, ValueError, TaskFileError,
+            MicroRuntimeError) as error:
+        sys.exit(f"export.py: error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(run)
