@@ -82,7 +82,7 @@ def main(argv):
     if FLAGS.output:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)),
                     exist_ok=True)
-        tasks._write_atomically(FLAGS.output,
+        tasks.write_atomically(FLAGS.output,
                                 (json.dumps(result, indent=2) + "\n").encode())
 
 

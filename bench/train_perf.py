@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from km_tf import layers, models, task_report, training  # noqa: E402
-from km_tf.tasks import _write_atomically  # noqa: E402
+from km_tf.tasks import write_atomically  # noqa: E402
 
 flags.DEFINE_integer("image_size", 160, "Input height and width.")
 flags.DEFINE_integer("batch_size", 16, "Batch size of every step.")
@@ -195,9 +195,9 @@ def main(argv):
         row["time_ratio_vs_full"] = round(row["median_step_s"] / full, 3)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     path = os.path.join(FLAGS.output_dir, "train_perf")
-    _write_atomically(path + ".json",
+    write_atomically(path + ".json",
                       (json.dumps(results, indent=2) + "\n").encode())
-    _write_atomically(path + ".md", to_markdown(results).encode())
+    write_atomically(path + ".md", to_markdown(results).encode())
     print(to_markdown(results))
 
 

@@ -42,7 +42,7 @@ from km_tf.layers import KM_LAYERS
 from km_tf.litert import LiteRTModel
 from km_tf.micro import (DEFAULT_BOARDS, arena_budget, board_fit,
                          c_array_sources, run_micro)
-from km_tf.tasks import _write_atomically, load_task, read_task_options
+from km_tf.tasks import write_atomically, load_task, read_task_options
 from km_tf.walk import walk_layers
 
 # Held-out samples used for parity when the caller does not say.
@@ -302,8 +302,8 @@ def _micro_section(model_bytes: bytes, graph: Graph, lite: LiteRTModel,
                          "output_zero_point": out.zero_points[0]})
     c_path = output_dir / f"{name}_model_data.c"
     h_path = output_dir / f"{name}_model_data.h"
-    _write_atomically(str(h_path), header.encode())
-    _write_atomically(str(c_path), source.encode())
+    write_atomically(str(h_path), header.encode())
+    write_atomically(str(c_path), source.encode())
     section = {
         "arena_used_bytes": micro_run.arena_used_bytes,
         "arena_budget_bytes": budget,
@@ -374,7 +374,7 @@ def export_model(model: keras.Model, preset: Preset | str,
             f"{graph.float_ops_on_path()}; an op of this model has no int8 "
             "kernel. Replace that layer in the base network.")
     tflite_path = output_dir / f"{stem}.tflite"
-    _write_atomically(str(tflite_path), model_bytes)
+    write_atomically(str(tflite_path), model_bytes)
     report: dict[str, Any] = {
         "name": name, "preset": preset.name, "summary": preset.summary,
         "source": dict(source or {}),
@@ -411,9 +411,9 @@ def export_model(model: keras.Model, preset: Preset | str,
         }
     report_path = output_dir / f"{stem}.report.json"
     text_path = output_dir / f"{stem}.report.txt"
-    _write_atomically(str(report_path),
+    write_atomically(str(report_path),
                       json.dumps(report, indent=2).encode())
-    _write_atomically(str(text_path), format_report(report).encode())
+    write_atomically(str(text_path), format_report(report).encode())
     logging.info("Wrote %s (%d bytes).", tflite_path, len(model_bytes))
     return ExportResult(tflite_path, report_path, text_path, report,
                         extra_paths)
@@ -423,7 +423,7 @@ def write_summary(reports: Sequence[dict[str, Any]],
                   output_dir: str | os.PathLike) -> Path:
     """Writes `summary.json`: the reports of several exports, in order."""
     path = Path(output_dir) / "summary.json"
-    _write_atomically(str(path), json.dumps(list(reports), indent=2).encode())
+    write_atomically(str(path), json.dumps(list(reports), indent=2).encode())
     return path
 
 

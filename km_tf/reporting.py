@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from km_tf.tasks import TaskReport, _write_atomically
+from km_tf.tasks import TaskReport, write_atomically
 
 
 @dataclasses.dataclass
@@ -85,7 +85,7 @@ def write_report(report: RunReport, directory: str,
     os.makedirs(directory, exist_ok=True)
     json_path = os.path.join(directory, f"{name}.json")
     text_path = os.path.join(directory, f"{name}.txt")
-    _write_atomically(json_path, (json.dumps(report.to_dict(), indent=2)
+    write_atomically(json_path, (json.dumps(report.to_dict(), indent=2)
                                   + "\n").encode())
-    _write_atomically(text_path, (str(report) + "\n").encode())
+    write_atomically(text_path, (str(report) + "\n").encode())
     return json_path, text_path

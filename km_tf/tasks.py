@@ -152,7 +152,7 @@ def save_task(model: keras.Model, path: PathLike) -> TaskHeader:
     tensors[_HEADER_KEY] = np.frombuffer(header.to_json().encode(), np.uint8)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **tensors)
-    _write_atomically(os.fspath(path), buffer.getvalue())
+    write_atomically(os.fspath(path), buffer.getvalue())
     return header
 
 
@@ -294,7 +294,8 @@ def task_report(model: keras.Model) -> TaskReport:
     )
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def write_atomically(path: str, data: bytes) -> None:
+    """Writes `data` to `path` via a fsynced temporary file and a rename."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(
