@@ -9,9 +9,9 @@ kernel-modulated copy (`km_tf.models.build_task_model`), one per `--forms`
 entry. Step time: all variants live in one process, are warmed up, then
 stepped in alternation (`--steps` rounds) and the median is taken, so that
 background load hits them alike. Peak memory: each variant runs alone in a
-fresh subprocess (build, warm-up, the same steps) and reports its peak
-resident memory (`ru_maxrss`) on CPU, or
-`tf.config.experimental.get_memory_info` peak on GPU.
+fresh subprocess (build, warm-up, the same steps) and reports the peak of
+TensorFlow's allocator over the steps (`km_tf.memory.peak_bytes`: weights,
+Adam slots, activations, gradients; GPU:0 or CPU:0).
 
 Writes `{output_dir}/train_perf.json` and `.md`. A benchmark, not a test.
 """
@@ -19,7 +19,6 @@ Writes `{output_dir}/train_perf.json` and `.md`. A benchmark, not a test.
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from km_tf import layers, models, task_report, training  # noqa: E402
+from km_tf.memory import (EXACT_CPU_COUNTS, peak_bytes,  # noqa: E402
+                          training_device)
 from km_tf.tasks import write_atomically  # noqa: E402
 
 flags.DEFINE_integer("image_size", 160, "Input height and width.")
@@ -114,14 +115,13 @@ def measure_memory_here(name: str) -> dict:
     """Peak memory of one variant's build, warm-up and steps (this process)."""
     batch = _batch()
     model = build_variant(name)
-    for _ in range(FLAGS.warmup + FLAGS.steps):
-        _step(model, batch)
-    peak = {"peak_rss_mb": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if tf.config.list_physical_devices("GPU"):
-        peak["peak_gpu_mb"] = tf.config.experimental.get_memory_info(
-            "GPU:0")["peak"] / 2**20
-    return peak
+
+    def train() -> None:
+        for _ in range(FLAGS.warmup + FLAGS.steps):
+            _step(model, batch)
+
+    return {"peak_mb": peak_bytes(train) / 2**20,
+            "memory_device": training_device()}
 
 
 def measure_memory(name: str) -> dict:
@@ -131,7 +131,8 @@ def measure_memory(name: str) -> dict:
                            "hidden_units", "filter_units", "warmup", "steps")]
     result = subprocess.run(
         [sys.executable, __file__, *passed, f"--memory_of={name}"],
-        capture_output=True, text=True, check=False)
+        env={**os.environ, **EXACT_CPU_COUNTS}, capture_output=True,
+        text=True, check=False)
     if result.returncode:
         raise RuntimeError(f"Memory run of {name!r} failed:\n"
                            f"{result.stderr[-3000:]}")
@@ -159,11 +160,11 @@ def to_markdown(results: dict) -> str:
             "trainable params |", "|---|---|---|---|---|"]
     full = results["variants"][FULL]
     for name, row in results["variants"].items():
-        memory = row.get("peak_gpu_mb", row["peak_rss_mb"])
         rows.append(
             f"| {name} | {row['median_step_s']:.4f} | "
             f"{row['median_step_s'] / full['median_step_s']:.2f}x | "
-            f"{memory:.0f} | {row['trainable_params']:,} |")
+            f"{row['peak_mb']:.1f} ({row['peak_mb'] / full['peak_mb']:.2f}x)"
+            f" | {row['trainable_params']:,} |")
     setup = results["setup"]
     return "\n".join([
         "# KM task training vs full fine-tuning (MobileNetV2, Adam)", "",
@@ -171,8 +172,9 @@ def to_markdown(results: dict) -> str:
         f"Setup: {json.dumps(setup)}", "",
         f"Machine: {json.dumps(results['machine'])}", "", *rows, "",
         "Step time: median of alternating steps in one process. Peak "
-        "memory: each variant alone in a fresh process (CPU: peak RSS, "
-        "which includes TensorFlow itself and graph tracing).", ""])
+        "memory: each variant alone in a fresh process, the peak bytes of "
+        "TensorFlow's allocator over the steps (weights, Adam slots, "
+        "activations, gradients).", ""])
 
 
 def main(argv):

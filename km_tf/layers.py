@@ -18,6 +18,12 @@ The layers follow Keras' LoRA pattern (`keras/src/layers/convolutional/
 base_conv.py`): the frozen weight lives in `_kernel`, and `kernel` is a property
 that returns the modulated kernel, so `call()` and the shape logic of
 `Conv2D` / `DepthwiseConv2D` are reused untouched.
+
+Training memory: the modulator's gradient is hand-written
+(`modulate_kernel`) and recomputes the MLP in the backward pass, so a
+modulated layer keeps only its modulated kernel for backpropagation. Full
+fine-tuning keeps a gradient and two Adam slots per weight; a KM step keeps
+about one extra kernel's worth (`bench/perf.py` measures both).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import math
 from typing import Any
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 MODULATOR_FORMS = ("hybrid", "spatial", "filter")
@@ -76,6 +83,70 @@ def check_modulator_options(hidden_units: int, form: str,
         raise ValueError(
             f"Unknown modulator form {form!r}. Use one of {MODULATOR_FORMS}."
         )
+
+
+def _kernel_units(kernel, unit_size: int):
+    """The kernel as `(unit_size, num_units)` units, and those units / std."""
+    units = ops.reshape(kernel, (unit_size, -1))
+    return units, units / (ops.std(kernel) + 1e-12)
+
+
+@tf.autograph.experimental.do_not_convert
+@ops.custom_gradient
+def modulate_kernel(kernel, hidden_kernel, hidden_bias, output_kernel,
+                    output_bias):
+    """`kernel * (1 + g(kernel / std))`, recomputing `g` in the backward pass.
+
+    The forward pass is the plain two-layer MLP of `KernelModulator`. The
+    gradient is written out by hand so that nothing of the MLP's forward pass
+    (the normalised units, the hidden activations, the gain) has to stay in
+    memory until the backward pass: it is recomputed from the frozen kernel,
+    which is alive anyway, one layer at a time. Under a tape, a modulated
+    layer then holds no more than its modulated kernel, which is what makes a
+    KM training step lighter than full fine-tuning with Adam (BUILD.md).
+
+    The base kernel is frozen by design and gets no gradient (`None`).
+
+    Args:
+        kernel: The float32 base kernel, any shape whose leading axes form
+            units of `hidden_kernel.shape[1]` weights.
+        hidden_kernel: `(hidden, unit_size)`.
+        hidden_bias: `(hidden, 1)`.
+        output_kernel: `(unit_size, hidden)`.
+        output_bias: `(unit_size, 1)`.
+
+    Returns:
+        The modulated kernel, shaped like `kernel`, and its gradient function.
+    """
+    unit_size = hidden_kernel.shape[1]
+
+    def hidden_and_gain(normalized):
+        hidden = ops.tanh(ops.matmul(hidden_kernel, normalized) + hidden_bias)
+        return hidden, ops.matmul(output_kernel, hidden) + output_bias
+
+    units, normalized = _kernel_units(kernel, unit_size)
+    _, gain = hidden_and_gain(normalized)
+    modulated = ops.reshape(units * (1.0 + gain), ops.shape(kernel))
+
+    def grad(upstream):
+        # Without this dependency the graph executor would run the
+        # recomputation as soon as the forward pass starts, for every layer
+        # at once, and keep it all alive: exactly what it is meant to avoid.
+        with tf.control_dependencies([upstream]):
+            units, normalized = _kernel_units(tf.identity(kernel), unit_size)
+        hidden, _ = hidden_and_gain(normalized)
+        gain_grad = ops.reshape(upstream, ops.shape(units)) * units
+        hidden_grad = ops.matmul(ops.transpose(output_kernel), gain_grad)
+        pre_tanh_grad = hidden_grad * (1.0 - ops.square(hidden))
+        return (
+            None,
+            ops.matmul(pre_tanh_grad, ops.transpose(normalized)),
+            ops.sum(pre_tanh_grad, axis=1, keepdims=True),
+            ops.matmul(gain_grad, ops.transpose(hidden)),
+            ops.sum(gain_grad, axis=1, keepdims=True),
+        )
+
+    return modulated, grad
 
 
 @keras.saving.register_keras_serializable(package="km_tf")
@@ -146,14 +217,11 @@ class KernelModulator(keras.layers.Layer):
         )
 
     def call(self, kernel):
-        kernel = ops.cast(kernel, "float32")
-        units = ops.reshape(kernel, (self.unit_size, -1))
-        scale = ops.std(kernel) + 1e-12
-        hidden = ops.tanh(
-            ops.matmul(self.hidden_kernel, units / scale) + self.hidden_bias
-        )
-        gain = ops.matmul(self.output_kernel, hidden) + self.output_bias
-        return ops.reshape(units * (1.0 + gain), ops.shape(kernel))
+        return modulate_kernel(
+            ops.cast(kernel, "float32"),
+            *(tf.convert_to_tensor(weight) for weight in (
+                self.hidden_kernel, self.hidden_bias, self.output_kernel,
+                self.output_bias)))
 
     def compute_output_shape(self, kernel_shape):
         return kernel_shape

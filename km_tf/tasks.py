@@ -28,14 +28,12 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import keras
 import numpy as np
 
 from km_tf.convert import modulation_options
-from km_tf.layers import KM_LAYERS
 from km_tf.walk import (ROLE_BATCHNORM, ROLE_FROZEN, ROLE_HEAD,
                         ROLE_MODULATED, layer_role, walk_layers)
 

@@ -144,8 +144,11 @@ def make_callbacks(*, backup_dir: PathLike, checkpoint_path: PathLike | None,
     Returns:
         The callbacks, `BackupAndRestore` first.
     """
+    # double_checkpoint keeps the previous backup too: a job killed while it
+    # writes one restarts from the one before instead of failing to load.
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.BackupAndRestore(os.fspath(backup_dir))]
+        keras.callbacks.BackupAndRestore(os.fspath(backup_dir),
+                                         double_checkpoint=True)]
     if checkpoint_path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(checkpoint_path)),
                     exist_ok=True)

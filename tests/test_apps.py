@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,18 @@ SMALL_BUDGET = """\
 """
 
 
+def app_command(name: str, *flags: str) -> list[str]:
+    return [sys.executable, str(ROOT / "apps" / f"{name}.py"), *flags]
+
+
+APP_ENVIRONMENT = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                   "CUDA_VISIBLE_DEVICES": ""}
+
+
 def run_app(name: str, *flags: str, timeout: float = 600
             ) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
-                   "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "apps" / f"{name}.py"), *flags],
-        env=environment, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(app_command(name, *flags), env=APP_ENVIRONMENT,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def check(result: subprocess.CompletedProcess) -> str:
@@ -92,3 +98,48 @@ def test_task_mode_without_a_base_file_says_what_to_pass(tmp_path):
                      f"--output_dir={tmp_path}")
     assert result.returncode != 0
     assert "--mode=pretrain" in result.stderr
+
+
+def kill_after_first_backup(command: list[str], metadata: Path,
+                            timeout: float = 300) -> int:
+    """Starts `command`, SIGKILLs it once its first epoch is backed up (it is
+    then inside its next epoch) and returns the epochs the backup holds."""
+    process = subprocess.Popen(command, env=APP_ENVIRONMENT,
+                               stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not metadata.is_file():
+            assert process.poll() is None, (
+                "the run ended before its first backup:\n"
+                + process.stderr.read()[-3000:])
+            assert time.monotonic() < deadline, "no backup appeared"
+            time.sleep(0.02)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    return json.loads(metadata.read_text())["epoch"]
+
+
+@pytest.mark.slow
+def test_killed_task_run_resumes_after_its_last_finished_epoch(default_run,
+                                                               tmp_path):
+    output = tmp_path / "out"
+    epochs = 6
+    command = app_command(
+        "train", "--mode=task", f"--base={default_run / 'base.keras'}",
+        f"--task_epochs={epochs}", "--steps_per_epoch=5",
+        f"--output_dir={output}", "--verbose=2")
+    finished = kill_after_first_backup(
+        command, output / "backup" / "task" / "training_metadata.json")
+    assert 1 <= finished < epochs
+    assert not (output / "task.kmtask").exists()
+
+    result = subprocess.run(command, env=APP_ENVIRONMENT,
+                            capture_output=True, text=True, timeout=600)
+    check(result)
+    task = json.loads((output / "report.json").read_text())["stages"][-1]
+    assert task["epochs"] == list(range(finished + 1, epochs + 1))
+    assert (output / "task.kmtask").is_file()
+    assert not (output / "backup").exists()

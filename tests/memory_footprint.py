@@ -1,0 +1,79 @@
+"""Training footprints measured by km_tf.memory, printed as JSON.
+
+Run by tests/test_memory.py in a fresh process started with
+`km_tf.memory.EXACT_CPU_COUNTS`, as every exact CPU measurement must be.
+"""
+
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import km_tf  # noqa: E402
+from km_tf.memory import peak_bytes, training_device  # noqa: E402
+
+
+def weight_heavy_convnet() -> keras.Model:
+    """Big kernels on tiny images: weights dominate the training footprint."""
+    inputs = keras.Input((6, 6, 32))
+    x = keras.layers.Conv2D(96, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    x = keras.layers.Conv2D(384, 1)(x)
+    x = keras.layers.Conv2D(96, 1)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x))
+
+
+def training_footprint(prepare) -> int:
+    """Peak bytes of building `prepare(model)` and training it 3 Adam steps,
+    over the bytes in use before."""
+    keras.backend.clear_session(free_memory=True)
+    gc.collect()
+    before = tf.config.experimental.get_memory_info(training_device())[
+        "current"]
+    holder = {}
+
+    def train() -> None:
+        keras.utils.set_random_seed(0)
+        holder["model"] = model = prepare(weight_heavy_convnet())
+        model.compile(keras.optimizers.Adam(1e-3),
+                      keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True))
+        rng = np.random.default_rng(0)
+        images = rng.normal(size=(2, 6, 6, 32)).astype("float32")
+        for _ in range(3):
+            model.train_on_batch(images, np.array([0, 1]))
+
+    peak = peak_bytes(train)
+    holder.clear()  # Frees the model before the next measurement.
+    return peak - before
+
+
+def small_tensors() -> int:
+    """Peak bytes of ten 100 kB tensors, under the 256 KiB oneDNN cut-off."""
+    return peak_bytes(lambda: [tf.zeros((100, 250)) for _ in range(10)])
+
+
+def main() -> None:
+    print(json.dumps({
+        "small_tensors": small_tensors(),
+        "weight_bytes": 4 * weight_heavy_convnet().count_params(),
+        "full": training_footprint(lambda model: model),
+        "km_train": training_footprint(
+            lambda model: km_tf.modulate(model, batchnorm="train")),
+        "km_freeze": training_footprint(
+            lambda model: km_tf.modulate(model, batchnorm="freeze")),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""km_tf.memory, and what it shows: a KM step holds less than full FT."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from km_tf import memory
+
+FOOTPRINT_SCRIPT = Path(__file__).with_name("memory_footprint.py")
+
+
+@pytest.fixture(scope="module")
+def footprints() -> dict:
+    result = subprocess.run(
+        [sys.executable, str(FOOTPRINT_SCRIPT)],
+        env={**os.environ, **memory.EXACT_CPU_COUNTS,
+             "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_counts_without_the_counting_allocator_are_refused(monkeypatch):
+    for name in memory.EXACT_CPU_COUNTS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="TF_CPU_ALLOCATOR_USE_BFC=true"):
+        memory.peak_bytes(lambda: None, device="CPU:0")
+
+
+def test_counting_allocator_counts_small_tensors(footprints):
+    assert footprints["small_tensors"] >= 10 * 100_000
+
+
+def test_full_fine_tuning_holds_gradients_and_adam_slots(footprints):
+    assert footprints["full"] >= 4 * footprints["weight_bytes"]
+
+
+@pytest.mark.parametrize("batchnorm", ["train", "freeze"])
+def test_km_step_holds_less_than_full_fine_tuning_with_adam(footprints,
+                                                            batchnorm):
+    """Full FT keeps a gradient and two Adam slots per weight; KM keeps one
+    modulated kernel and recomputes its modulator in the backward pass."""
+    km = footprints[f"km_{batchnorm}"]
+    assert km < footprints["full"] - footprints["weight_bytes"]
