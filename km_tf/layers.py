@@ -85,14 +85,8 @@ def check_modulator_options(hidden_units: int, form: str,
         )
 
 
-def _kernel_units(kernel, unit_size: int):
-    """The kernel as `(unit_size, num_units)` units, and those units / std."""
-    units = ops.reshape(kernel, (unit_size, -1))
-    return units, units / (ops.std(kernel) + 1e-12)
-
-
 @tf.autograph.experimental.do_not_convert
-@ops.custom_gradient
+@tf.custom_gradient
 def modulate_kernel(kernel, hidden_kernel, hidden_bias, output_kernel,
                     output_bias):
     """`kernel * (1 + g(kernel / std))`, recomputing `g` in the backward pass.
@@ -119,31 +113,34 @@ def modulate_kernel(kernel, hidden_kernel, hidden_bias, output_kernel,
         The modulated kernel, shaped like `kernel`, and its gradient function.
     """
     unit_size = hidden_kernel.shape[1]
+    scale = tf.math.reduce_std(kernel) + 1e-12  # A scalar: kept.
 
-    def hidden_and_gain(normalized):
-        hidden = ops.tanh(ops.matmul(hidden_kernel, normalized) + hidden_bias)
-        return hidden, ops.matmul(output_kernel, hidden) + output_bias
+    def units_and_hidden(kernel):
+        units = tf.reshape(kernel, (unit_size, -1))
+        normalized = units / scale
+        return units, normalized, tf.tanh(
+            tf.matmul(hidden_kernel, normalized) + hidden_bias)
 
-    units, normalized = _kernel_units(kernel, unit_size)
-    _, gain = hidden_and_gain(normalized)
-    modulated = ops.reshape(units * (1.0 + gain), ops.shape(kernel))
+    units, _, hidden = units_and_hidden(kernel)
+    gain = tf.matmul(output_kernel, hidden) + output_bias
+    modulated = tf.reshape(units * (1.0 + gain), tf.shape(kernel))
 
     def grad(upstream):
         # Without this dependency the graph executor would run the
         # recomputation as soon as the forward pass starts, for every layer
         # at once, and keep it all alive: exactly what it is meant to avoid.
         with tf.control_dependencies([upstream]):
-            units, normalized = _kernel_units(tf.identity(kernel), unit_size)
-        hidden, _ = hidden_and_gain(normalized)
-        gain_grad = ops.reshape(upstream, ops.shape(units)) * units
-        hidden_grad = ops.matmul(ops.transpose(output_kernel), gain_grad)
-        pre_tanh_grad = hidden_grad * (1.0 - ops.square(hidden))
+            kernel_now = tf.identity(kernel)
+        units, normalized, hidden = units_and_hidden(kernel_now)
+        gain_grad = tf.reshape(upstream, tf.shape(units)) * units
+        pre_tanh_grad = tf.matmul(output_kernel, gain_grad,
+                                  transpose_a=True) * (1.0 - tf.square(hidden))
         return (
             None,
-            ops.matmul(pre_tanh_grad, ops.transpose(normalized)),
-            ops.sum(pre_tanh_grad, axis=1, keepdims=True),
-            ops.matmul(gain_grad, ops.transpose(hidden)),
-            ops.sum(gain_grad, axis=1, keepdims=True),
+            tf.matmul(pre_tanh_grad, normalized, transpose_b=True),
+            tf.reduce_sum(pre_tanh_grad, axis=1, keepdims=True),
+            tf.matmul(gain_grad, hidden, transpose_b=True),
+            tf.reduce_sum(gain_grad, axis=1, keepdims=True),
         )
 
     return modulated, grad

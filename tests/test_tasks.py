@@ -43,6 +43,15 @@ def _assert_unchanged(model, snapshot):
         np.testing.assert_array_equal(_numpy(variable), before)
 
 
+def _assert_refused_untouched(base, broken, match: str):
+    """Loading `broken` into a fresh KM model fails and changes nothing."""
+    fresh = km_tf.modulate(base, hidden_units=8)
+    before = _snapshot(fresh)
+    with pytest.raises(km_tf.TaskFileError, match=match):
+        km_tf.load_task(fresh, broken)
+    _assert_unchanged(fresh, before)
+
+
 def test_round_trip_restores_the_task_outputs(base, trained_task):
     km, path = trained_task
     fresh = km_tf.modulate(base, **km_tf.read_task_options(path))
@@ -100,11 +109,7 @@ def test_truncated_file_is_refused_and_model_unchanged(base, trained_task,
     data = path.read_bytes()
     broken = tmp_path / "truncated.kmtask"
     broken.write_bytes(data[: int(len(data) * keep)])
-    fresh = km_tf.modulate(base, hidden_units=8)
-    before = _snapshot(fresh)
-    with pytest.raises(km_tf.TaskFileError, match="corrupt or truncated"):
-        km_tf.load_task(fresh, broken)
-    _assert_unchanged(fresh, before)
+    _assert_refused_untouched(base, broken, match="corrupt or truncated")
 
 
 def test_flipped_bytes_are_caught_by_checksums(base, trained_task, tmp_path):
@@ -121,11 +126,7 @@ def test_flipped_bytes_are_caught_by_checksums(base, trained_task, tmp_path):
         data[offset] ^= 0xFF
     broken = tmp_path / "flipped.kmtask"
     broken.write_bytes(bytes(data))
-    fresh = km_tf.modulate(base, hidden_units=8)
-    before = _snapshot(fresh)
-    with pytest.raises(km_tf.TaskFileError, match="corrupt"):
-        km_tf.load_task(fresh, broken)
-    _assert_unchanged(fresh, before)
+    _assert_refused_untouched(base, broken, match="corrupt")
 
 
 def _rewrite(path, target, edit):
@@ -147,11 +148,7 @@ def test_missing_tensor_is_named(base, trained_task, tmp_path):
 
     broken = _rewrite(trained_task[1], tmp_path / "missing.npz",
                       drop_head_bias)
-    fresh = km_tf.modulate(base, hidden_units=8)
-    before = _snapshot(fresh)
-    with pytest.raises(km_tf.TaskFileError, match="missing 'head/bias'"):
-        km_tf.load_task(fresh, broken)
-    _assert_unchanged(fresh, before)
+    _assert_refused_untouched(base, broken, match="missing 'head/bias'")
 
 
 def test_misshaped_tensor_is_named(base, trained_task, tmp_path):
@@ -160,12 +157,8 @@ def test_misshaped_tensor_is_named(base, trained_task, tmp_path):
         arrays[entry["key"]] = np.zeros(5, np.float32)
 
     broken = _rewrite(trained_task[1], tmp_path / "shape.npz", grow_head)
-    fresh = km_tf.modulate(base, hidden_units=8)
-    before = _snapshot(fresh)
-    with pytest.raises(km_tf.TaskFileError,
-                       match=r"'head/bias'.*shape \(5,\).*\(3,\)"):
-        km_tf.load_task(fresh, broken)
-    _assert_unchanged(fresh, before)
+    _assert_refused_untouched(base, broken,
+                              match=r"'head/bias'.*shape \(5,\).*\(3,\)")
 
 
 def test_file_of_another_kind_is_refused(base, tmp_path):
