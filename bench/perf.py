@@ -46,6 +46,7 @@ from results_io import write_results  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("mobilenet_v2", "resnet50")
 TRAINING = ("km", "full")  # Method names of km_tf.benchmark.METHODS.
+MEMORY_STEPS = 3  # Measured steps per memory process, after a tracing step.
 NUM_CLASSES = 10
 
 flags.DEFINE_list("models", list(MODELS), "Base networks to measure.")
@@ -54,7 +55,8 @@ flags.DEFINE_integer("batch_size", 32, "Training batch size (step time).")
 flags.DEFINE_list("memory_batch_sizes", ["1", "8", "32"],
                   "Training batch sizes at which peak memory is measured.")
 flags.DEFINE_integer("memory_repeats", 3, "Fresh processes per method and "
-                     "batch size for peak memory (3 measured steps each).")
+                     f"batch size for peak memory ({MEMORY_STEPS} measured "
+                     "steps each).")
 flags.DEFINE_integer("steps", 20, "Timed rounds (one step of each method) "
                      "after 3 warm-up steps.")
 flags.DEFINE_string("preset", "float32", "Export preset for export/latency.")
@@ -119,17 +121,18 @@ def peak_memory(model: str, method: str, image_size: int,
     """Peak training bytes of one method alone. Call through `_in_child`.
 
     The peak of TensorFlow's allocator on the training device during each
-    of three steps after a tracing step, counting everything alive during
-    training: weights, optimizer state, activations and gradients. The
-    peaks differ from step to step (parallel op scheduling changes what is
-    alive at once), hence several steps and processes.
+    of `MEMORY_STEPS` steps after a tracing step, counting everything alive
+    during training: weights, optimizer state, activations and gradients.
+    The peaks differ from step to step (parallel op scheduling changes what
+    is alive at once), hence several steps and processes.
     """
     from km_tf.memory import peak_bytes
 
     trainer, batch = _trainer_and_batch(model, method, image_size,
                                         batch_size)
     trainer.step(*batch)
-    return [peak_bytes(lambda: trainer.step(*batch)) for _ in range(3)]
+    return [peak_bytes(lambda: trainer.step(*batch))
+            for _ in range(MEMORY_STEPS)]
 
 
 def _spread(samples: list[int]) -> dict:
@@ -273,7 +276,8 @@ def markdown(results: dict) -> str:
             f"{results['results'][m][key]:.3f}" for m in results["models"])
             + " |")
     lines += ["", "Peak training memory (MB, median [min-max] over "
-              f"{results['memory_repeats']} processes x 3 steps):", "",
+              f"{results['memory_repeats']} processes x {MEMORY_STEPS} "
+              "steps):", "",
               "| model | batch | KM | full fine-tuning (Adam) | KM / full |",
               "|---|---|---|---|---|"]
     for model in results["models"]:
