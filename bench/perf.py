@@ -47,6 +47,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("mobilenet_v2", "resnet50")
 TRAINING = ("km", "full")  # Method names of km_tf.benchmark.METHODS.
 MEMORY_STEPS = 3  # Measured steps per memory process, after a tracing step.
+MEMORY_MEASURES = {  # peak_memory's keys: what each counts, in how many steps.
+    "tensor": ("live tensors' own bytes", 1),
+    "allocator": ("allocator peak, chunk slack included", MEMORY_STEPS),
+}
 NUM_CLASSES = 10
 
 flags.DEFINE_list("models", list(MODELS), "Base networks to measure.")
@@ -56,7 +60,7 @@ flags.DEFINE_list("memory_batch_sizes", ["1", "8", "32"],
                   "Training batch sizes at which peak memory is measured.")
 flags.DEFINE_integer("memory_repeats", 3, "Fresh processes per method and "
                      f"batch size for peak memory ({MEMORY_STEPS} measured "
-                     "steps each).")
+                     "steps each, and one profiled step).")
 flags.DEFINE_integer("steps", 20, "Timed rounds (one step of each method) "
                      "after 3 warm-up steps.")
 flags.DEFINE_string("preset", "float32", "Export preset for export/latency.")
@@ -117,22 +121,26 @@ def step_times(model: str, image_size: int, batch_size: int,
 
 
 def peak_memory(model: str, method: str, image_size: int,
-                batch_size: int) -> list[int]:
+                batch_size: int) -> dict[str, list[int]]:
     """Peak training bytes of one method alone. Call through `_in_child`.
 
-    The peak of TensorFlow's allocator on the training device during each
-    of `MEMORY_STEPS` steps after a tracing step, counting everything alive
-    during training: weights, optimizer state, activations and gradients.
-    The peaks differ from step to step (parallel op scheduling changes what
-    is alive at once), hence several steps and processes.
+    Counts everything alive during training: weights, optimizer state,
+    activations and gradients, after a tracing step. `"allocator"`: the
+    allocator's peak in each of `MEMORY_STEPS` steps (`km_tf.memory.
+    peak_bytes`); `"tensor"`: the peak of the live tensors' own bytes in one
+    more, profiled, step (`peak_tensor_bytes`, without the allocator's chunk
+    slack). Peaks differ from step to step (parallel op scheduling changes
+    what is alive at once), hence several steps and processes.
     """
-    from km_tf.memory import peak_bytes
+    from km_tf.memory import peak_bytes, peak_tensor_bytes
 
     trainer, batch = _trainer_and_batch(model, method, image_size,
                                         batch_size)
     trainer.step(*batch)
-    return [peak_bytes(lambda: trainer.step(*batch))
-            for _ in range(MEMORY_STEPS)]
+    allocator = [peak_bytes(lambda: trainer.step(*batch))
+                 for _ in range(MEMORY_STEPS)]
+    return {"allocator": allocator,
+            "tensor": [peak_tensor_bytes(lambda: trainer.step(*batch))]}
 
 
 def _spread(samples: list[int]) -> dict:
@@ -216,18 +224,23 @@ def measure(model: str) -> dict:
     for batch_size in (int(size) for size in FLAGS.memory_batch_sizes):
         logging.info("%s: peak memory of %s training, batch %d.", model,
                      " and ".join(TRAINING), batch_size)
-        samples = {method: [] for method in TRAINING}
+        samples = {measure: {method: [] for method in TRAINING}
+                   for measure in MEMORY_MEASURES}
         for _ in range(FLAGS.memory_repeats):
             for method in TRAINING:  # Alternating, like the step times.
-                samples[method] += _in_child(
-                    peak_memory, model, method, FLAGS.image_size,
-                    batch_size, environment=EXACT_CPU_COUNTS)
-        peaks = {method: _spread(values) for method, values in
-                 samples.items()}
-        memory[batch_size] = {
-            "peak_bytes": peaks,
-            "ratio_km_over_full": (peaks["km"]["median"]
-                                   / peaks["full"]["median"])}
+                peaks = _in_child(peak_memory, model, method,
+                                  FLAGS.image_size, batch_size,
+                                  environment=EXACT_CPU_COUNTS)
+                for measure, values in peaks.items():
+                    samples[measure][method] += values
+        memory[batch_size] = {}
+        for measure, by_method in samples.items():
+            spreads = {method: _spread(values)
+                       for method, values in by_method.items()}
+            memory[batch_size][measure] = {
+                "peak_bytes": spreads,
+                "ratio_km_over_full": (spreads["km"]["median"]
+                                       / spreads["full"]["median"])}
     logging.info("%s: export, latency and storage.", model)
     rest = export_latency_storage(model, FLAGS.image_size)
     return {
@@ -275,29 +288,36 @@ def markdown(results: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(
             f"{results['results'][m][key]:.3f}" for m in results["models"])
             + " |")
-    lines += ["", "Peak training memory (MB, median [min-max] over "
-              f"{results['memory_repeats']} processes x {MEMORY_STEPS} "
-              "steps):", "",
-              "| model | batch | KM | full fine-tuning (Adam) | KM / full |",
-              "|---|---|---|---|---|"]
-    for model in results["models"]:
-        for batch_size, row in results["results"][model][
-                "peak_memory"].items():
-            km, full = (row["peak_bytes"][method] for method in TRAINING)
-            lines.append(f"| {model} | {batch_size} | {_megabytes(km)} | "
-                         f"{_megabytes(full)} | "
-                         f"{row['ratio_km_over_full']:.3f} |")
+    for measure, (what, steps) in MEMORY_MEASURES.items():
+        lines += ["", f"Peak training memory, {what} (MB, median [min-max] "
+                  f"over {results['memory_repeats']} processes x {steps} "
+                  "step(s)):", "",
+                  "| model | batch | KM | full fine-tuning (Adam) | "
+                  "KM / full |", "|---|---|---|---|---|"]
+        for model in results["models"]:
+            for batch_size, row in results["results"][model][
+                    "peak_memory"].items():
+                row = row[measure]
+                km, full = (row["peak_bytes"][method] for method in TRAINING)
+                lines.append(f"| {model} | {batch_size} | {_megabytes(km)} | "
+                             f"{_megabytes(full)} | "
+                             f"{row['ratio_km_over_full']:.3f} |")
     lines += ["", "Absolute numbers (seconds, bytes, ms) are in the JSON.",
-              "Peak memory is the peak of TensorFlow's allocator on the "
-              "training device (weights, optimizer state, activations, "
-              "gradients), in fresh processes per method and batch size. "
-              "Full fine-tuning holds a gradient and two Adam slots per "
-              "weight; KM holds each layer's modulated kernel (its modulator "
-              "is recomputed in the backward pass, `km_tf.layers."
-              "modulate_kernel`), so KM saves about two weights' worth of "
-              "bytes per base weight. Activations are the same for both and "
-              "dominate at large batches, where the difference drowns in "
-              "the step-to-step spread of the peak.",
+              "Peak memory counts everything alive on the training device "
+              "(weights, optimizer state, activations, gradients), in fresh "
+              "processes per method and batch size: the live tensors' own "
+              "bytes (`km_tf.memory.peak_tensor_bytes`, from the allocator's "
+              "events in TensorFlow's profiler) and the allocator's peak "
+              "(`peak_bytes`), which adds chunk slack of up to 128 MB per "
+              "large tensor, varying from process to process. Full "
+              "fine-tuning holds a gradient and two Adam slots per weight; "
+              "KM holds each layer's modulated kernel (its modulator is "
+              "recomputed in the backward pass, `km_tf.layers."
+              "modulate_kernel`), and its convolutions compute the kernel "
+              "gradient before the input gradient (`km_tf.layers."
+              "convolve_kernel_gradient_first`), so an activation is freed "
+              "before its gradient is allocated. Activations dominate at "
+              "large batches.",
               ""]
     return "\n".join(lines)
 

@@ -23,12 +23,17 @@ Training memory: the modulator's gradient is hand-written
 (`modulate_kernel`) and recomputes the MLP in the backward pass, so a
 modulated layer keeps only its modulated kernel for backpropagation. Full
 fine-tuning keeps a gradient and two Adam slots per weight; a KM step keeps
-about one extra kernel's worth (`bench/perf.py` measures both).
+about one extra kernel's worth. In traced steps the convolution computes its
+kernel gradient before its input gradient where inputs are large
+(`convolve_kernel_gradient_first`), so the layer's input activation is freed
+before an activation-sized gradient is allocated (`bench/perf.py` measures
+both methods).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -39,6 +44,12 @@ MODULATOR_FORMS = ("hybrid", "spatial", "filter")
 DEFAULT_FORM = "hybrid"
 DEFAULT_HIDDEN_UNITS = 16
 DEFAULT_FILTER_UNITS = 1
+# Per-example input activations from this size on get their convolution's
+# gradients ordered (`convolve_kernel_gradient_first`). Below it the memory
+# at stake is small, and ordering costs time: tiny ops gain from running the
+# two gradients side by side (MobileNetV2 at 32 px, batch 8: KM step 1.41x
+# full fine-tuning ordered, 1.19x not, on 2 CPU cores; BUILD.md).
+ORDERED_GRADIENTS_MIN_BYTES = 512 * 1024
 
 
 def modulator_plan(kernel_shape: tuple[int, ...], form: str, *,
@@ -144,6 +155,53 @@ def modulate_kernel(kernel, hidden_kernel, hidden_bias, output_kernel,
         )
 
     return modulated, grad
+
+
+def convolve_kernel_gradient_first(convolve: Callable, inputs, kernel):
+    """`convolve(inputs, kernel)`, whose backward pass frees `inputs` early.
+
+    A convolution's backward pass computes two gradients from the same
+    upstream gradient: the kernel's, which reads the layer's input
+    activation, and the input's, which allocates a tensor as large as that
+    activation. TensorFlow's executor runs whichever it meets first, and
+    when the input gradient comes first both activation-sized tensors are
+    alive at once. This function makes the input gradient wait for the
+    kernel gradient (a control dependency), so the activation can go before
+    its gradient is allocated. On MobileNetV2 at 224 px, batch 32, that is
+    what keeps the peak of a KM step below full fine-tuning's (BUILD.md).
+
+    Only in graph mode (`tf.function`, Keras `fit`): there the gradients are
+    built as ops and the forward convolution that `tf.GradientTape` records
+    for them inside the backward pass is never run (nothing reads it).
+    Eagerly it would run, so eager calls convolve plainly.
+
+    Args:
+        convolve: `(inputs, kernel) -> outputs`, e.g. `ops.conv` with a
+            layer's strides and padding; differentiable by TensorFlow.
+        inputs: The layer's input.
+        kernel: The kernel (here the modulated kernel).
+
+    Returns:
+        `convolve(inputs, kernel)`.
+    """
+    if tf.executing_eagerly():
+        return convolve(inputs, kernel)
+
+    @tf.autograph.experimental.do_not_convert
+    @tf.custom_gradient
+    def ordered(inputs, kernel):
+        def grad(upstream):
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch([inputs, kernel])
+                outputs = convolve(inputs, kernel)
+            kernel_grad = tape.gradient(outputs, kernel, upstream)
+            with tf.control_dependencies([kernel_grad]):
+                inputs_grad = tape.gradient(outputs, inputs, upstream)
+            return inputs_grad, kernel_grad
+
+        return convolve(inputs, kernel), grad
+
+    return ordered(inputs, kernel)
 
 
 @keras.saving.register_keras_serializable(package="km_tf")
@@ -282,6 +340,41 @@ class _KernelModulatedMixin:
             )
         return ops.cast(self.modulator(self._kernel), self.compute_dtype)
 
+    def call(self, inputs):
+        kernel = self.kernel
+        if self._orders_gradients(inputs):
+            outputs = convolve_kernel_gradient_first(self._convolve, inputs,
+                                                     kernel)
+        else:
+            outputs = self._convolve(inputs, kernel)
+        if self.use_bias:
+            outputs = ops.add(outputs, ops.reshape(self.bias,
+                                                   self._bias_shape()))
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
+
+    def _orders_gradients(self, inputs) -> bool:
+        """Whether the backward pass computes the kernel gradient first: for
+        a training modulator and large inputs (`ORDERED_GRADIENTS_MIN_BYTES`
+        per example; unknown sizes count as large)."""
+        if not (self.trainable and self.modulator.trainable):
+            return False
+        example_shape = tuple(inputs.shape[1:])
+        if None in example_shape:
+            return True
+        return (math.prod(example_shape) * tf.as_dtype(inputs.dtype).size
+                >= ORDERED_GRADIENTS_MIN_BYTES)
+
+    def _bias_shape(self) -> tuple[int, ...]:
+        if self.data_format == "channels_last":
+            return (1,) * (self.rank + 1) + (-1,)
+        return (1, -1) + (1,) * self.rank
+
+    def _convolve(self, inputs, kernel):
+        """The plain Keras convolution of `inputs` with `kernel`."""
+        raise NotImplementedError
+
     def modulated_kernel(self):
         """The modulated kernel in float32, as `bake()` writes it."""
         return self.modulator(self._kernel)
@@ -352,6 +445,9 @@ class KernelModulatedConv2D(_KernelModulatedMixin, keras.layers.Conv2D):
         super().build(input_shape)
         self._build_modulator()
 
+    def _convolve(self, inputs, kernel):
+        return self.convolution_op(inputs, kernel)
+
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.pop("lora_rank", None)
@@ -410,6 +506,11 @@ class KernelModulatedDepthwiseConv2D(_KernelModulatedMixin,
     def build(self, input_shape) -> None:
         super().build(input_shape)
         self._build_modulator()
+
+    def _convolve(self, inputs, kernel):
+        return ops.depthwise_conv(
+            inputs, kernel, strides=self.strides, padding=self.padding,
+            dilation_rate=self.dilation_rate, data_format=self.data_format)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import km_tf  # noqa: E402
-from km_tf.memory import peak_bytes, training_device  # noqa: E402
+from km_tf.memory import (peak_bytes, peak_tensor_bytes,  # noqa: E402
+                          training_device)
 
 # One thread: parallel op scheduling moves the peaks by as much as the
 # margins the tests check (seen: 1.36-1.79 MB for one KM model); serial
@@ -66,9 +67,19 @@ def small_tensors() -> int:
     return peak_bytes(lambda: [tf.zeros((100, 250)) for _ in range(10)])
 
 
+def three_kept_of_four() -> int:
+    """Tensor peak of four 4 MB tensors, three kept: exactly 16 MB (the
+    allocator's own peak holds slack on top)."""
+    before = tf.config.experimental.get_memory_info(training_device())[
+        "current"]
+    return peak_tensor_bytes(
+        lambda: [tf.zeros((1000, 1000)) + 1.0 for _ in range(3)]) - before
+
+
 def main() -> None:
     print(json.dumps({
         "small_tensors": small_tensors(),
+        "three_kept_of_four": three_kept_of_four(),
         "weight_bytes": 4 * weight_heavy_convnet().count_params(),
         "full": training_footprint(lambda model: model),
         "km_train": training_footprint(

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from km_tf import layers as km_layers
 from km_tf.layers import (KernelModulatedConv2D, KernelModulatedDepthwiseConv2D,
                           KernelModulator, modulate_kernel)
 
@@ -138,6 +139,19 @@ def test_mixed_precision_keeps_modulator_in_float32():
     assert all(v.dtype == "float32" for v in layer.modulator.weights)
 
 
+def _ancestors(op) -> set:
+    """Every op that `op` waits for, through data and control inputs."""
+    seen, stack = set(), [op]
+    while stack:
+        current = stack.pop()
+        for parent in ([t.op for t in current.inputs]
+                       + list(current.control_inputs)):
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
 def _reference_modulation(kernel, hidden_kernel, hidden_bias, output_kernel,
                           output_bias):
     """The modulator written with plain ops, differentiated by autodiff."""
@@ -202,17 +216,110 @@ def test_gradient_recomputation_waits_for_the_upstream_gradient():
     tanh_ops = [op for op in graph.get_operations() if op.type == "Tanh"]
     assert len(tanh_ops) == 2  # The forward pass and its recomputation.
 
-    def ancestors(op):
-        seen, stack = set(), [op]
-        while stack:
-            current = stack.pop()
-            for parent in ([t.op for t in current.inputs]
-                           + list(current.control_inputs)):
-                if parent not in seen:
-                    seen.add(parent)
-                    stack.append(parent)
-        return seen
-
     forward, recomputed = sorted(
-        tanh_ops, key=lambda op: len(ancestors(op)))
-    assert forward in ancestors(recomputed)  # Via the upstream gradient.
+        tanh_ops, key=lambda op: len(_ancestors(op)))
+    assert forward in _ancestors(recomputed)  # Via the upstream gradient.
+
+
+LAYER_CASES = {
+    **{f"conv_{name}": (KernelModulatedConv2D, config)
+       for name, config in CONV_CASES.items()},
+    **{f"depthwise_{name}": (KernelModulatedDepthwiseConv2D, config)
+       for name, config in DEPTHWISE_CASES.items()},
+}
+
+
+def _trained_looking_layer(layer_class, config, input_shape):
+    """A KM layer whose modulator is not the identity (as after training)."""
+    layer = layer_class(**config, hidden_units=4)
+    layer.build(input_shape)
+    rng = np.random.default_rng(5)
+    for weight in layer.modulator.weights:
+        weight.assign(rng.normal(0, 0.3, weight.shape))
+    return layer
+
+
+def _loss_gradients(layer, inputs):
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = tf.reduce_sum(tf.square(layer(inputs)))
+    return tape.gradient(loss, [inputs, *layer.trainable_variables])
+
+
+@pytest.fixture
+def ordered_at_any_size(monkeypatch):
+    """Order the gradients of small test inputs too."""
+    monkeypatch.setattr(km_layers, "ORDERED_GRADIENTS_MIN_BYTES", 0)
+
+
+@pytest.mark.parametrize("case,jit_compile", [
+    *((case, False) for case in sorted(LAYER_CASES)),
+    ("conv_strided_3x3", True), ("depthwise_multiplier_2_same", True)])
+def test_traced_layer_gradients_equal_eager_ones(case, jit_compile,
+                                                 ordered_at_any_size):
+    """Traced calls order the convolution's gradients (kernel first); the
+    gradients themselves are the plain ones computed eagerly. Also under
+    XLA, which TPUs use."""
+    layer_class, config = LAYER_CASES[case]
+    inputs = tf.constant(np.random.default_rng(4).normal(
+        size=(2, 11, 11, 4)), tf.float32)
+    layer = _trained_looking_layer(layer_class, config, inputs.shape)
+    eager = _loss_gradients(layer, inputs)
+    traced = tf.function(_loss_gradients, jit_compile=jit_compile)(
+        layer, inputs)
+    assert len(traced) == 5
+    for want, got in zip(eager, traced):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _input_gradient_ops(layer, inputs):
+    """The ops that compute the returned input gradient (the graph also
+    holds unused ones, which the runtime prunes)."""
+    graph = tf.function(_loss_gradients).get_concrete_function(
+        layer, inputs).graph
+    return [op for op in _ancestors(graph.outputs[0].op) if op.type in (
+        "Conv2DBackpropInput", "DepthwiseConv2dNativeBackpropInput")]
+
+
+LARGE_INPUTS = (1, 64, 64, 32)  # 512 KiB per example: ordered by default.
+
+
+@pytest.mark.parametrize("layer_class,config", [
+    (KernelModulatedConv2D, CONV_CASES["strided_3x3"]),
+    (KernelModulatedDepthwiseConv2D, DEPTHWISE_CASES["multiplier_2_same"]),
+])
+def test_input_gradient_waits_for_kernel_gradient(layer_class, config):
+    """The layer's input activation can be freed (after the kernel gradient
+    read it) before its gradient is allocated."""
+    assert np.prod(LARGE_INPUTS[1:]) * 4 == km_layers.ORDERED_GRADIENTS_MIN_BYTES
+    inputs = tf.ones(LARGE_INPUTS)
+    layer = _trained_looking_layer(layer_class, config, inputs.shape)
+    (input_gradient,) = _input_gradient_ops(layer, inputs)
+    kernel_gradients = {op for op in _ancestors(input_gradient) if op.type in (
+        "Conv2DBackpropFilter", "DepthwiseConv2dNativeBackpropFilter")}
+    assert len(kernel_gradients) == 1
+
+
+def _waits_for_a_kernel_gradient(layer, inputs) -> bool:
+    (input_gradient,) = _input_gradient_ops(layer, inputs)
+    return any(op.type == "Conv2DBackpropFilter"
+               for op in _ancestors(input_gradient))
+
+
+def test_frozen_layer_does_not_force_a_kernel_gradient():
+    """Nothing trains the kernel of a frozen layer: its input gradient must
+    not wait for (and so compute) a kernel gradient nobody reads."""
+    inputs = tf.ones(LARGE_INPUTS)
+    layer = _trained_looking_layer(KernelModulatedConv2D,
+                                   CONV_CASES["strided_3x3"], inputs.shape)
+    layer.trainable = False
+    assert not _waits_for_a_kernel_gradient(layer, inputs)
+
+
+def test_small_inputs_leave_both_gradients_free_to_run_side_by_side():
+    """Tiny convolutions run faster with both gradients in parallel, and
+    their activations are too small for the order to matter."""
+    inputs = tf.ones((1, 63, 64, 32))  # Just under the threshold.
+    layer = _trained_looking_layer(KernelModulatedConv2D,
+                                   CONV_CASES["strided_3x3"], inputs.shape)
+    assert not _waits_for_a_kernel_gradient(layer, inputs)

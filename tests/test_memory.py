@@ -35,6 +35,17 @@ def test_counting_allocator_counts_small_tensors(footprints):
     assert footprints["small_tensors"] >= 10 * 100_000
 
 
+def test_tensor_peak_counts_the_bytes_tensors_asked_for(footprints):
+    assert footprints["three_kept_of_four"] == 4 * 4_000_000
+
+
+def test_tensor_peak_needs_the_counting_allocator_too(monkeypatch):
+    for name in memory.EXACT_CPU_COUNTS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="TF_CPU_ALLOCATOR_USE_BFC=true"):
+        memory.peak_tensor_bytes(lambda: None, device="CPU:0")
+
+
 def test_full_fine_tuning_holds_gradients_and_adam_slots(footprints):
     assert footprints["full"] >= 4 * footprints["weight_bytes"]
 
