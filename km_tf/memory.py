@@ -121,7 +121,7 @@ def peak_tensor_bytes(run: Callable[[], Any], device: str | None = None
 
 def _checked(device: str | None) -> str:
     device = device or training_device()
-    if device.upper().startswith("CPU") and not exact_cpu_counts():
+    if _kind_and_index(device)[0] == "CPU" and not exact_cpu_counts():
         raise RuntimeError(
             "CPU memory counts would miss every tensor under 256 KiB: start "
             "the measuring process with TF_CPU_ALLOCATOR_USE_BFC=true in its "
@@ -130,10 +130,17 @@ def _checked(device: str | None) -> str:
     return device
 
 
+def _kind_and_index(device: str) -> tuple[str, str]:
+    """`("GPU", "1")` for "GPU:1", "/device:GPU:1" or "/job:w/.../GPU:1"."""
+    name = device.upper().rsplit("/", 1)[-1].removeprefix("DEVICE:")
+    kind, _, index = name.partition(":")
+    return kind, index or "0"
+
+
 def _allocator_tag(device: str) -> str:
     """What the name of `device`'s allocator holds ("GPU_0_bfc", "...cpu...")."""
-    kind, _, index = device.upper().rpartition("/")[2].partition(":")
-    return "cpu" if kind == "CPU" else f"{kind.lower()}_{index or 0}_"
+    kind, index = _kind_and_index(device)
+    return "cpu" if kind == "CPU" else f"{kind.lower()}_{index}_"
 
 
 def _allocation_events(logdir: str, allocator_tag: str

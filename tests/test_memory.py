@@ -39,11 +39,12 @@ def test_tensor_peak_counts_the_bytes_tensors_asked_for(footprints):
     assert footprints["three_kept_of_four"] == 4 * 4_000_000
 
 
-def test_tensor_peak_needs_the_counting_allocator_too(monkeypatch):
+@pytest.mark.parametrize("device", ["CPU:0", "/device:CPU:0"])
+def test_tensor_peak_needs_the_counting_allocator_too(monkeypatch, device):
     for name in memory.EXACT_CPU_COUNTS:
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="TF_CPU_ALLOCATOR_USE_BFC=true"):
-        memory.peak_tensor_bytes(lambda: None, device="CPU:0")
+        memory.peak_tensor_bytes(lambda: None, device=device)
 
 
 def test_full_fine_tuning_holds_gradients_and_adam_slots(footprints):
