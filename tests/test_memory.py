@@ -36,7 +36,9 @@ def test_counting_allocator_counts_small_tensors(footprints):
 
 
 def test_tensor_peak_counts_the_bytes_tensors_asked_for(footprints):
-    assert footprints["three_kept_of_four"] == 4 * 4_000_000
+    peaks = footprints["three_kept_of_four"]
+    assert peaks["tensor"] == 4 * 3_996_000
+    assert peaks["allocator"] > peaks["tensor"]  # Chunks are rounded up.
 
 
 @pytest.mark.parametrize("device", ["CPU:0", "/device:CPU:0"])
