@@ -16,8 +16,10 @@ freshly modulated layer computes exactly what the base layer computes.
 
 The layers follow Keras' LoRA pattern (`keras/src/layers/convolutional/
 base_conv.py`): the frozen weight lives in `_kernel`, and `kernel` is a property
-that returns the modulated kernel, so `call()` and the shape logic of
-`Conv2D` / `DepthwiseConv2D` are reused untouched.
+that returns the modulated kernel, so the arguments, building and shape logic
+of `Conv2D` / `DepthwiseConv2D` are reused untouched. `call()` is their
+convolution, bias and activation, with the convolution's gradients ordered
+(see Training memory).
 
 Training memory: the modulator's gradient is hand-written
 (`modulate_kernel`) and recomputes the MLP in the backward pass, so a

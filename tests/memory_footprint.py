@@ -40,13 +40,17 @@ def weight_heavy_convnet() -> keras.Model:
     return keras.Model(inputs, keras.layers.Dense(3)(x))
 
 
+def bytes_in_use() -> int:
+    return tf.config.experimental.get_memory_info(training_device())[
+        "current"]
+
+
 def training_footprint(prepare) -> int:
     """Peak bytes of building `prepare(model)` and training it 3 Adam steps,
     over the bytes in use before."""
     keras.backend.clear_session(free_memory=True)
     gc.collect()
-    before = tf.config.experimental.get_memory_info(training_device())[
-        "current"]
+    before = bytes_in_use()
 
     def train() -> None:
         keras.utils.set_random_seed(0)
@@ -70,8 +74,7 @@ def small_tensors() -> int:
 def three_kept_of_four() -> dict[str, int]:
     """Peaks of four 3,996,000-byte tensors, three kept. The allocator
     rounds every chunk up to 256 bytes (and may hand out more)."""
-    before = tf.config.experimental.get_memory_info(training_device())[
-        "current"]
+    before = bytes_in_use()
 
     def run():
         return [tf.zeros((999, 1000)) + 1.0 for _ in range(3)]

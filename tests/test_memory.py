@@ -24,11 +24,17 @@ def footprints() -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_cpu_counts_without_the_counting_allocator_are_refused(monkeypatch):
+@pytest.mark.parametrize("measure,device", [
+    (memory.peak_bytes, "CPU:0"),
+    (memory.peak_tensor_bytes, "CPU:0"),
+    (memory.peak_tensor_bytes, "/device:CPU:0"),
+])
+def test_cpu_counts_without_the_counting_allocator_are_refused(
+        monkeypatch, measure, device):
     for name in memory.EXACT_CPU_COUNTS:
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="TF_CPU_ALLOCATOR_USE_BFC=true"):
-        memory.peak_bytes(lambda: None, device="CPU:0")
+        measure(lambda: None, device=device)
 
 
 def test_counting_allocator_counts_small_tensors(footprints):
@@ -39,14 +45,6 @@ def test_tensor_peak_counts_the_bytes_tensors_asked_for(footprints):
     peaks = footprints["three_kept_of_four"]
     assert peaks["tensor"] == 4 * 3_996_000
     assert peaks["allocator"] > peaks["tensor"]  # Chunks are rounded up.
-
-
-@pytest.mark.parametrize("device", ["CPU:0", "/device:CPU:0"])
-def test_tensor_peak_needs_the_counting_allocator_too(monkeypatch, device):
-    for name in memory.EXACT_CPU_COUNTS:
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(RuntimeError, match="TF_CPU_ALLOCATOR_USE_BFC=true"):
-        memory.peak_tensor_bytes(lambda: None, device=device)
 
 
 def test_full_fine_tuning_holds_gradients_and_adam_slots(footprints):
