@@ -4,11 +4,12 @@
         --task=runs/main/task.kmtask --data=digits:5-9
     python apps/evaluate.py --base=runs/main/base.keras --data=digits:0-4
 
-With `--task` the base is modulated as the task file says
-(`km_tf.read_task_options`), the task is loaded into it and scored;
-without, the base itself is scored. Use the same `--data`, `--seed` and
-fractions as training so that the held-out split is the same one. Prints
-the accuracy and writes it as JSON with `--output`.
+With `--task` the task model is rebuilt from the base and the task file
+(`km_tf.restore_task`: the task's own head and modulators) and scored;
+without, the base itself is scored. Images are fed as RGB pixels in
+[0, 255] at the base's input size: km-tf models normalize inside. Use the
+same `--data` and `--seed` as training so that the held-out split is the
+same one. Prints the accuracy and writes it as JSON with `--output`.
 """
 
 import json
@@ -24,6 +25,7 @@ from absl import app, flags  # noqa: E402
 
 import keras  # noqa: E402
 
+import km_tf  # noqa: E402
 from km_tf import data, models, tasks, training  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
@@ -33,8 +35,8 @@ flags.DEFINE_string("base", None, "The base network's .keras file.")
 flags.DEFINE_string("task", None, "A .kmtask file trained on --base; omit to "
                     "evaluate the base alone.")
 flags.DEFINE_enum("normalization", None, list(models.NORMALIZATIONS),
-                  "Input normalisation; default: the one of the base's "
-                  "architecture (its model name).")
+                  "Only for a base without in-model normalization: "
+                  "normalize the images this way in the input pipeline.")
 # Data.
 flags.DEFINE_string("data", None, "Dataset spec (see km_tf.data), e.g. "
                     "digits:5-9.")
@@ -49,29 +51,33 @@ flags.mark_flags_as_required(["base", "data"])
 FLAGS = flags.FLAGS
 
 
-def _normalization(base: keras.Model) -> str:
-    """The flag's normalisation, else the one of the base's architecture."""
-    if FLAGS.normalization:
-        return FLAGS.normalization
-    if base.name in models.MODEL_NAMES:
-        return models.normalization_for(base.name)
-    raise app.UsageError(
-        f"Cannot tell the input normalisation of base {base.name!r} (not one "
-        f"of {', '.join(models.MODEL_NAMES)}): pass --normalization.")
+def _normalization(base: keras.Model) -> str | None:
+    """Pipeline normalization: none for a base that normalizes inside."""
+    inside = models.input_normalization(base)
+    if inside and FLAGS.normalization:
+        raise app.UsageError(
+            f"--normalization={FLAGS.normalization} would normalize twice: "
+            f"base {FLAGS.base!r} normalizes its inputs itself ({inside!r}). "
+            "Drop the flag.")
+    return FLAGS.normalization
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
     base = keras.saving.load_model(FLAGS.base, compile=False)
-    dataset = data.load(FLAGS.data, image_size=tuple(base.input_shape[1:3]),
+    dataset = data.load(FLAGS.data, image_size=models.input_size(base),
                         normalization=_normalization(base),
                         batch_size=FLAGS.batch_size, seed=FLAGS.seed,
                         data_dir=FLAGS.data_dir)
     model = base
     if FLAGS.task:
-        model = training.restore_task_model(base, FLAGS.task,
-                                            dataset.num_classes)
+        model = km_tf.restore_task(base, FLAGS.task)
+    if model.output_shape[-1] != dataset.num_classes:
+        raise app.UsageError(
+            f"--data={FLAGS.data} has {dataset.num_classes} classes but "
+            f"{FLAGS.task or FLAGS.base} outputs {model.output_shape[-1]}: "
+            "pass the dataset spec it was trained on.")
     accuracy = training.evaluate_accuracy(model, getattr(dataset,
                                                          FLAGS.split))
     result = {"base": FLAGS.base, "task": FLAGS.task, "data": FLAGS.data,

@@ -42,6 +42,7 @@ from km_tf import (data, distribute, layers, models, reporting,  # noqa: E402
 
 MODES = ("all", "pretrain", "task")
 BASE_FILE = "base.keras"
+DEFAULT_IMAGE_SIZE = 32
 
 # What to do.
 flags.DEFINE_enum("mode", "all", MODES,
@@ -51,7 +52,10 @@ flags.DEFINE_enum("mode", "all", MODES,
 flags.DEFINE_enum("model", "mobilenet_v2", list(models.MODEL_NAMES),
                   "Base network to pretrain (mode pretrain/all).")
 flags.DEFINE_float("alpha", 0.35, "Width multiplier of the base network.")
-flags.DEFINE_integer("image_size", 32, "Input height and width in pixels.")
+flags.DEFINE_integer("image_size", None, "Input height and width in pixels "
+                     f"(default: {DEFAULT_IMAGE_SIZE} for a new base; a "
+                     "task takes its base's, and a different value is an "
+                     "error).")
 flags.DEFINE_float("bn_momentum", models.DEFAULT_BN_MOMENTUM,
                    "BatchNorm momentum of a pretrained base. Keras' 0.999 "
                    "leaves a briefly trained base at chance in inference.")
@@ -119,11 +123,12 @@ flags.DEFINE_string("tpu", None, "TPU name or grpc:// address "
 FLAGS = flags.FLAGS
 
 
-def _load_data(spec: str, **options) -> data.ImageDatasets:
-    """Loads a dataset spec with the input settings shared by both stages."""
+def _load_data(spec: str, image_size: tuple[int, int],
+               **options) -> data.ImageDatasets:
+    """Loads a dataset spec with the input settings shared by both stages:
+    RGB pixels in [0, 255], which every km-tf model normalizes itself."""
     return data.load(
-        spec, image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
-        normalization=models.normalization_for(FLAGS.model),
+        spec, image_size=image_size, batch_size=FLAGS.batch_size,
         augment=FLAGS.augment, flip=FLAGS.flip, seed=FLAGS.seed,
         data_dir=FLAGS.data_dir, **options)
 
@@ -156,11 +161,12 @@ def _fit(stage: str, build, dataset: data.ImageDatasets, learning_rate: float,
 def pretrain(strategy, backup_root: str,
              write_dir: str) -> reporting.StageReport:
     """Trains the base classifier and saves it as `base.keras`."""
-    dataset = _load_data(FLAGS.pretrain_data)
+    size = FLAGS.image_size or DEFAULT_IMAGE_SIZE
+    dataset = _load_data(FLAGS.pretrain_data, (size, size))
     result = _fit(
         "pretrain",
         lambda: models.build_model(
-            FLAGS.model, dataset.num_classes, image_size=FLAGS.image_size,
+            FLAGS.model, dataset.num_classes, image_size=size,
             alpha=FLAGS.alpha, dropout=FLAGS.dropout,
             bn_momentum=FLAGS.bn_momentum),
         dataset, FLAGS.learning_rate, FLAGS.pretrain_epochs, strategy,
@@ -174,7 +180,8 @@ def pretrain(strategy, backup_root: str,
 def train_task(strategy, base: keras.Model, backup_root: str,
                write_dir: str) -> reporting.StageReport:
     """Modulates `base`, trains the task and saves its `.kmtask` file."""
-    dataset = _load_data(FLAGS.task_data, shots=FLAGS.shots)
+    dataset = _load_data(FLAGS.task_data, _task_image_size(base),
+                         shots=FLAGS.shots)
     result = _fit(
         "task",
         lambda: models.build_task_model(
@@ -187,6 +194,15 @@ def train_task(strategy, base: keras.Model, backup_root: str,
     km_tf.save_task(result.model, path)
     return _stage_report("task", FLAGS.task_data, dataset, result, path,
                          task=km_tf.task_report(result.model))
+
+
+def _task_image_size(base: keras.Model) -> tuple[int, int]:
+    """The base's input size; a contradicting --image_size is an error."""
+    try:
+        return models.input_size(base, expected=FLAGS.image_size,
+                                 what="--image_size")
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
 
 
 def _stage_report(stage: str, spec: str, dataset: data.ImageDatasets,
@@ -208,7 +224,14 @@ def load_base(strategy, path: str) -> keras.Model:
             f"--base={path!r} is not a file: pass the base.keras written by "
             "--mode=pretrain (or use --mode=all).")
     with strategy.scope():
-        return keras.saving.load_model(path, compile=False)
+        base = keras.saving.load_model(path, compile=False)
+    if models.input_normalization(base) is None:
+        logging.warning(
+            "Base %s has no input normalization layer: km-tf feeds RGB "
+            "pixels in [0, 255]. If it expects normalized inputs (e.g. a "
+            "keras.applications network), save it with "
+            "km_tf.models.add_preprocessing(base, mode) first.", path)
+    return base
 
 
 def obtain_base(strategy, backup_root: str, write_dir: str,
@@ -252,7 +275,7 @@ def main(argv):
         if FLAGS.mode != "pretrain":
             stages.append(train_task(strategy, base, backup_root, write_dir))
         report = reporting.RunReport(
-            settings=_settings(strategy), stages=stages,
+            settings=_settings(strategy, base), stages=stages,
             seconds=time.perf_counter() - start)
         reporting.write_report(report, write_dir)
     shutil.rmtree(backup_root, ignore_errors=True)
@@ -260,13 +283,16 @@ def main(argv):
         print(report, flush=True)
 
 
-def _settings(strategy) -> dict:
-    """The flags that shape the run, for the report."""
-    names = ["mode", "model", "alpha", "image_size", "batch_size", "shots",
-             "optimizer", "schedule", "hidden_units", "filter_units", "form",
-             "batchnorm", "strategy"]
+def _settings(strategy, base: keras.Model | None) -> dict:
+    """The flags that shape the run, and the input size used, for the
+    report."""
+    names = ["mode", "model", "alpha", "batch_size", "shots", "optimizer",
+             "schedule", "hidden_units", "filter_units", "form", "batchnorm",
+             "strategy"]
+    size = (models.input_size(base)[0] if base is not None
+            else FLAGS.image_size or DEFAULT_IMAGE_SIZE)
     return {**{name: FLAGS[name].value for name in names},
-            "replicas": strategy.num_replicas_in_sync}
+            "image_size": size, "replicas": strategy.num_replicas_in_sync}
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from km_tf import (data, distribute, models, reporting, training,  # noqa: E402
                    tuning)
 
 _DEFAULT_SPACE = tuning.SearchSpace()
+DEFAULT_IMAGE_SIZE = 32  # Of a base pretrained here.
 
 # Search.
 _TUNER = flags.DEFINE_enum("tuner", "random", list(tuning.TUNER_NAMES),
@@ -88,7 +89,10 @@ _MAX_TASK_PERCENT = flags.DEFINE_float(
 _TASK_DATA = flags.DEFINE_string(
     "task_data", "digits:5-9", "Dataset spec of the task (see km_tf.data): "
     + ", ".join(data.SPEC_FORMS))
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Input height and width.",
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input height and "
+                                   "width of a base pretrained here (default "
+                                   f"{DEFAULT_IMAGE_SIZE}); with --base it "
+                                   "must be the base's.",
                                    lower_bound=32)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size.",
                                    lower_bound=1)
@@ -150,21 +154,21 @@ def search_space() -> tuning.SearchSpace:
         raise app.UsageError(str(error)) from None
 
 
-def load_data(spec: str, augment: float,
+def load_data(spec: str, augment: float, image_size: tuple[int, int],
               shots: int | None = None) -> data.ImageDatasets:
-    """The pipelines of dataset `spec` for the base.
+    """The pipelines of dataset `spec`: RGB pixels in [0, 255], which
+    km-tf models normalize themselves.
 
     Args:
         spec: Dataset spec (`km_tf.data.load`).
         augment: Training augmentation strength in `[0, 1]`.
+        image_size: The base's input height and width.
         shots: Training images per class; `None` for all.
 
     Returns:
         The `ImageDatasets`.
     """
-    return data.load(spec, image_size=_IMAGE_SIZE.value,
-                     normalization=models.normalization_for(_MODEL.value),
-                     shots=shots,
+    return data.load(spec, image_size=image_size, shots=shots,
                      batch_size=_BATCH_SIZE.value, augment=augment,
                      flip=_FLIP.value, seed=_SEED.value,
                      data_dir=_DATA_DIR.value)
@@ -189,13 +193,14 @@ def base_model(output_dir: str,
     if os.path.exists(path):
         logging.info("Base: reusing %s", path)
         return keras.saving.load_model(path)
-    pretrain = load_data(_PRETRAIN_DATA.value, 0.0)
+    size = _IMAGE_SIZE.value or DEFAULT_IMAGE_SIZE
+    pretrain = load_data(_PRETRAIN_DATA.value, 0.0, (size, size))
     logging.info("Pretraining a %s (alpha %g) base on %s for %d epoch(s)",
                  _MODEL.value, _ALPHA.value, _PRETRAIN_DATA.value,
                  _PRETRAIN_EPOCHS.value)
     result = training.fit_and_evaluate(
         lambda: models.build_model(_MODEL.value, pretrain.num_classes,
-                                   image_size=_IMAGE_SIZE.value,
+                                   image_size=size,
                                    alpha=_ALPHA.value),
         pretrain, strategy=strategy, optimizer=training.OptimizerOptions(),
         epochs=_PRETRAIN_EPOCHS.value,
@@ -213,11 +218,16 @@ def main(argv: list[str]) -> None:
     with distribute.output_dir_for(_OUTPUT_DIR.value, strategy) as out:
         start = time.perf_counter()
         base = base_model(out, strategy)
-        task_data = load_data(_TASK_DATA.value, 0.0, _SHOTS.value)
+        try:
+            size = models.input_size(base, expected=_IMAGE_SIZE.value,
+                                     what="--image_size")
+        except ValueError as error:
+            raise app.UsageError(str(error)) from None
+        task_data = load_data(_TASK_DATA.value, 0.0, size, _SHOTS.value)
         try:
             hypermodel = tuning.KMHyperModel(
                 base, task_data.num_classes,
-                lambda strength: load_data(_TASK_DATA.value, strength,
+                lambda strength: load_data(_TASK_DATA.value, strength, size,
                                            _SHOTS.value),
                 space=search_space(),
                 budget=tuning.Budget(_MAX_TASK_PARAMS.value,

@@ -83,11 +83,15 @@ class BaseSpec:
     bn_momentum: float = 0.9
 
     def cache_name(self) -> str:
-        """A file name that changes whenever the pretrained base would."""
+        """A file name that changes whenever the pretrained base would.
+
+        `_pixels`: the base takes pixels in [0, 255] (in-model
+        normalisation); bases cached before that took normalised inputs.
+        """
         source = (self.pretrain or "none").replace(":", "-").replace(",", "_")
         return (f"base_{self.model}_a{self.alpha}_{self.image_size}px_"
                 f"{self.weights or source}_{self.pretrain_steps}steps_"
-                f"lr{self.pretrain_lr}_bn{self.bn_momentum}.keras")
+                f"lr{self.pretrain_lr}_bn{self.bn_momentum}_pixels.keras")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,11 +178,17 @@ SUITES: dict[str, Suite] = {
 
 
 def tiny_convnet(num_classes: int, image_size: int) -> keras.Model:
-    """A five-conv network with every layer kind KM touches (smoke tests)."""
+    """A five-conv network with every layer kind KM touches (smoke tests).
+
+    Like every `km_tf.models` base it takes RGB pixels in `[0, 255]` and
+    normalises them with an `input_normalization` layer (mode `"tf"`).
+    """
     layers = keras.layers
-    inputs = keras.Input((image_size, image_size, 3))
+    inputs = keras.Input((image_size, image_size, 3),
+                         name=models.INPUT_NAME)
+    x = models.normalization_layer("tf")(inputs)
     x = layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False,
-                      name="stem")(inputs)
+                      name="stem")(x)
     x = layers.BatchNormalization(name="stem_bn")(x)
     x = layers.ReLU()(x)
     x = layers.DepthwiseConv2D(3, padding="same", use_bias=False,
@@ -201,12 +211,6 @@ def build_base_model(spec: BaseSpec, num_classes: int) -> keras.Model:
         weights=spec.weights, bn_momentum=spec.bn_momentum)
 
 
-def normalization(spec: BaseSpec) -> str:
-    """Input normalisation mode of the base."""
-    return ("tf" if spec.model == "tiny_convnet"
-            else models.normalization_for(spec.model))
-
-
 def pretrained_base(spec: BaseSpec, cache_dir: str | os.PathLike,
                     batch_size: int = 32) -> tuple[keras.Model, dict]:
     """Returns the base classifier and a report, pretraining it if needed.
@@ -220,7 +224,6 @@ def pretrained_base(spec: BaseSpec, cache_dir: str | os.PathLike,
         return base, {"weights": spec.weights, "params": base.count_params()}
     path = os.path.join(cache_dir, spec.cache_name())
     source = km_data.load(spec.pretrain, image_size=spec.image_size,
-                          normalization=normalization(spec),
                           batch_size=batch_size, flip=False, seed=0)
     if os.path.exists(path):
         logging.info("Loading the cached base %s.", path)
@@ -571,11 +574,10 @@ def run_suite(suite: Suite, output_dir: str | os.PathLike,
     base, base_report = pretrained_base(suite.base, output_dir,
                                         suite.batch_size)
     names = method_names(suite.methods)
-    norm = normalization(suite.base)
 
     def load(task: TaskSpec, seed: int) -> km_data.ImageDatasets:
         return km_data.load(
-            task.spec, image_size=suite.base.image_size, normalization=norm,
+            task.spec, image_size=suite.base.image_size,
             shots=task.shots, validation_fraction=task.validation_fraction,
             test_fraction=task.test_fraction, batch_size=suite.batch_size,
             augment=suite.augment, flip=task.flip, seed=seed,

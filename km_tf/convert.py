@@ -105,7 +105,7 @@ def modulate(
                                  "hidden_units": hidden_units, "form": form,
                                  "filter_units": filter_units})
 
-    modulated = _clone(model, clone_layer)
+    modulated = clone_layers(model, clone_layer)
     for (_, source), (_, target) in zip(walk_layers(model),
                                         walk_layers(modulated)):
         if isinstance(target, KM_LAYERS):
@@ -141,7 +141,7 @@ def bake(model: keras.Model) -> keras.Model:
             config.pop(key)
         return layer.plain_class.from_config(config)
 
-    baked = _clone(model, clone_layer)
+    baked = clone_layers(model, clone_layer)
     for (_, source), (_, target) in zip(walk_layers(model),
                                         walk_layers(baked)):
         if isinstance(source, KM_LAYERS):
@@ -157,9 +157,19 @@ def _copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
     return layer.__class__.from_config(layer.get_config())
 
 
-def _clone(model: keras.Model,
-           clone_layer: Callable[[keras.layers.Layer], keras.layers.Layer]
-           ) -> keras.Model:
+def clone_layers(model: keras.Model,
+                 clone_layer: Callable[[keras.layers.Layer],
+                                       keras.layers.Layer]) -> keras.Model:
+    """A built copy of a (possibly nested) functional or sequential model.
+
+    Args:
+        model: The model to copy; its weights are not copied.
+        clone_layer: Makes each leaf layer's replacement (nested models are
+            entered).
+
+    Returns:
+        The new model, built, with fresh weights.
+    """
     clone = keras.models.clone_model(
         model, clone_function=clone_layer, recursive=True
     )
@@ -231,16 +241,26 @@ def _set_task_trainability(model: keras.Model, *, batchnorm: str,
         elif isinstance(layer, BATCHNORM_TYPES):
             layer.trainable = batchnorm == "train"
         elif head is None:
-            layer.trainable = bool(layer.weights) and not is_convolution(layer)
+            layer.trainable = _is_default_head(layer)
         else:
             layer.trainable = layer.name in head
+
+
+def _is_default_head(layer: keras.layers.Layer) -> bool:
+    """Whether `modulate(head=None)` trains `layer` as part of the head:
+    every layer with weights that is neither a convolution nor BatchNorm."""
+    return (bool(layer.weights) and not is_convolution(layer)
+            and not isinstance(layer, BATCHNORM_TYPES))
 
 
 def modulation_options(model: keras.Model) -> dict[str, Any]:
     """The `modulate()` keyword arguments that rebuild `model`'s layout.
 
     Derived from the model itself (modulator sizes, which layers train), so
-    task files can record how their model was made.
+    task files can record how their model was made. `head` is `None` when
+    the default rule picks the model's head (every layer with weights that
+    is neither a convolution nor BatchNorm), so the options carry no
+    auto-generated layer names; `skip` lists unmodulated convolutions.
 
     Raises:
         ValueError: `model` has no KM layer, or mixes modulator settings.
@@ -267,12 +287,14 @@ def modulation_options(model: keras.Model) -> dict[str, Any]:
                    if is_convolution(layer) and not isinstance(layer, KM_LAYERS)]
     head = [layer.name for _, layer in walk_layers(model)
             if layer_role(layer) == ROLE_HEAD]
+    default_head = [layer.name for _, layer in walk_layers(model)
+                    if _is_default_head(layer)]
     return {
         "hidden_units": hidden_units,
         "form": form,
         "filter_units": filter_units,
         "batchnorm": "train" if any(b.trainable for b in batchnorms)
         else "freeze",
-        "head": head,
+        "head": None if head == default_head else head,
         "skip": plain_convs,
     }

@@ -14,11 +14,13 @@ One entry point, `load(spec, ...)`, reads a dataset named by a spec string:
 `1,3,7` or class names (`face,non_face`). E.g. `"digits:0-4"` to pretrain a
 base and `"digits:5-9"` as a new task.
 
-Every split yields `(images, labels)` batches: float32 images
-`(batch, height, width, 3)` normalised for the chosen base (see
-`km_tf.models.normalization_for`) and int32 labels. Datasets without a
-native validation or test split get one carved out of their training data,
-stratified per class and seeded.
+Every split yields `(images, labels)` batches: float32 RGB images
+`(batch, height, width, 3)` with pixel values in `[0, 255]` (what every
+`km_tf.models` model takes: it normalises inside) and int32 labels. For a
+model without in-model normalisation, `normalization=` a mode (`"tf"`,
+`"torch"`, `"caffe"`; see `km_tf.models.input_normalization`) normalises in
+the pipeline instead. Datasets without a native validation or test split
+get one carved out of their training data, stratified per class and seeded.
 """
 
 import dataclasses
@@ -110,7 +112,7 @@ def load(
     spec: str,
     *,
     image_size: int | tuple[int, int] = 96,
-    normalization: str = "tf",
+    normalization: str | None = None,
     classes: Sequence[int | str] | None = None,
     shots: int | None = None,
     validation_fraction: float = 0.15,
@@ -129,9 +131,11 @@ def load(
             `"skimage:textures"`, `"tfds:oxford_flowers102"`,
             `"folder:/data/birds"`).
         image_size: Output height and width (int for square).
-        normalization: Input mode of the base, e.g.
-            `km_tf.models.normalization_for("mobilenet_v2")` (`"tf"`:
-            [-1, 1]; `"caffe"`; `"torch"`).
+        normalization: `None` (default) yields pixels in `[0, 255]`, for
+            models that normalise inside (all `km_tf.models` models, and
+            `km_tf.models.add_preprocessing`). A mode (`"tf"`: [-1, 1];
+            `"torch"`; `"caffe"`) normalises in the pipeline, for models
+            whose `km_tf.models.input_normalization(model)` is `None`.
         classes: Class subset, as ints or names, in the order that defines
             the new labels. Not with a `CLASSES` part in `spec`.
         shots: Few-shot: keep this many training images per class
@@ -357,7 +361,7 @@ def _pipeline(
     relabel: np.ndarray,
     size: tuple[int, int],
     *,
-    normalization: str,
+    normalization: str | None,
     batch_size: int,
     training: bool,
     augment: float,
@@ -366,7 +370,7 @@ def _pipeline(
     cache: bool,
     count: int,
 ) -> tf.data.Dataset:
-    """Resize -> cache -> shuffle -> augment -> batch -> normalise."""
+    """Resize -> cache -> shuffle -> augment -> batch -> float (normalise)."""
     relabel = tf.constant(relabel)
     dataset = dataset.map(
         lambda image, label: (_resize_rgb(image, size),
@@ -385,11 +389,18 @@ def _pipeline(
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
     dataset = dataset.batch(batch_size).map(
-        lambda images, labels: (
-            normalize(tf.cast(images, tf.float32), normalization), labels),
+        lambda images, labels: (_to_float(images, normalization), labels),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _to_float(images: tf.Tensor, normalization: str | None) -> tf.Tensor:
+    """uint8 pixels -> float32 in `[0, 255]`, or normalised with a mode."""
+    images = tf.cast(images, tf.float32)
+    if normalization is None:
+        return images
+    return normalize(images, normalization)
 
 
 def _resize_rgb(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:

@@ -14,6 +14,9 @@ Example:
 >>> baked = load_baked_task("base.keras", "birds.kmtask")
 >>> result = export_model(baked, "int8", "out/", name="birds",
 ...                       calibration_data=x_train, heldout=(x_test, y_test))
+
+Calibration and held-out data come from a dataset spec or an `.npz`
+(`km_tf.export_data`).
 >>> print(result.report_text)
 """
 
@@ -32,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from km_tf.convert import bake, modulate
+from km_tf.convert import bake
 from km_tf.edgetpu import check_edgetpu, compiler_command
 from km_tf.export_graph import Graph, read_graph
 from km_tf.export_presets import (DEFAULT_CALIBRATION_SAMPLES, QUANT_DYNAMIC,
@@ -42,7 +45,9 @@ from km_tf.layers import KM_LAYERS
 from km_tf.litert import LiteRTModel
 from km_tf.micro import (DEFAULT_BOARDS, arena_budget, board_fit,
                          c_array_sources, run_micro)
-from km_tf.tasks import write_atomically, load_task, read_task_options
+from km_tf.models import input_normalization
+from km_tf.restore import restore_task
+from km_tf.tasks import write_atomically
 from km_tf.walk import walk_layers
 
 # Held-out samples used for parity when the caller does not say.
@@ -88,39 +93,6 @@ def _existing_file(path: str | os.PathLike, what: str, fix: str) -> str:
     return path
 
 
-def load_npz_dataset(path: str | os.PathLike
-                     ) -> tuple[np.ndarray, np.ndarray | None,
-                                np.ndarray | None, np.ndarray | None]:
-    """Reads calibration and held-out arrays from an `.npz` file.
-
-    The file holds model-ready float images (preprocessed as for training):
-    `x_train` (calibration; from the task's training data) and optionally
-    `y_train`, `x_test`, `y_test` (held-out data for the parity check).
-
-    Returns:
-        `(x_train, y_train, x_test, y_test)`, missing arrays as None.
-
-    Raises:
-        FileNotFoundError: No file at `path`.
-        ExportError: Not an npz file, or no `x_train` array.
-    """
-    path = _existing_file(path, "Calibration dataset", "Pass an .npz with "
-                          "x_train (and x_test/y_test for parity).")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except Exception as error:  # numpy raises several types for bad files.
-        raise ExportError(f"Cannot read {path!r} as an .npz file ({error})."
-                          ) from error
-    if "x_train" not in arrays:
-        raise ExportError(
-            f"{path!r} has arrays {sorted(arrays)} but no 'x_train'. Save it "
-            "with np.savez(path, x_train=..., y_train=..., x_test=..., "
-            "y_test=...).")
-    return (arrays["x_train"], arrays.get("y_train"), arrays.get("x_test"),
-            arrays.get("y_test"))
-
-
 def load_base(path: str | os.PathLike) -> keras.Model:
     """Loads a plain base network saved with `model.save("base.keras")`.
 
@@ -143,12 +115,15 @@ def load_baked_task(base: keras.Model | str | os.PathLike,
                     task_path: str | os.PathLike) -> keras.Model:
     """Base + task file -> the task's plain (baked) Keras model.
 
+    `km_tf.bake(km_tf.restore_task(base, task_path))`, with the base loaded
+    from its file when given a path.
+
     Args:
         base: The base network, or the path of its `.keras` file.
         task_path: A task file written by `km_tf.save_task`.
 
     Returns:
-        A plain Keras model with the task's modulated kernels written in.
+        A plain Keras model with the task's head and modulated kernels.
 
     Raises:
         FileNotFoundError: The base or the task file is missing.
@@ -159,9 +134,7 @@ def load_baked_task(base: keras.Model | str | os.PathLike,
                                "by km_tf.save_task (e.g. by apps/train.py).")
     if not isinstance(base, keras.Model):
         base = load_base(base)
-    km_model = modulate(base, **read_task_options(task_path))
-    load_task(km_model, task_path)
-    return bake(km_model)
+    return bake(restore_task(base, task_path))
 
 
 def static_batch_model(model: keras.Model) -> keras.Model:
@@ -187,6 +160,8 @@ def _calibration_samples(model: keras.Model, data: np.ndarray | None,
             f"Preset {preset.name!r} quantizes activations to int8 and needs "
             "calibration data: pass calibration_data (images from the task's "
             "training data, shaped like the model input), e.g. "
+            "--calibration_data=SPEC with the task's dataset spec "
+            "(digits:5-9, folder:PATH, tfds:NAME), or "
             "--calibration_dataset=train.npz.")
     data = np.asarray(data, dtype=np.float32)
     expected = tuple(model.input_shape[1:])
@@ -198,6 +173,29 @@ def _calibration_samples(model: keras.Model, data: np.ndarray | None,
         raise ExportError(f"calibration_samples must be >= 1; got {count}.")
     order = np.random.default_rng(0).permutation(len(data))[:count]
     return data[np.sort(order)]
+
+
+def anchor_pixel_range(samples: np.ndarray) -> np.ndarray:
+    """Calibration samples whose range is exactly the pixel range [0, 255].
+
+    The converter quantizes the model input over the range it sees in
+    calibration. For a model that takes pixels (normalization inside), a
+    range of exactly [0, 255] gives the input scale 1 and zero point -128
+    (int8) / 0 (uint8): the `.tflite` then takes raw camera bytes with no
+    arithmetic on the device. One value of the first sample is set to 0 and
+    one to 255, which leaves every other range practically unchanged.
+
+    Args:
+        samples: Float32 model inputs in [0, 255].
+
+    Returns:
+        A copy with the first sample's first two values set to 0 and 255.
+    """
+    anchored = np.array(samples, dtype=np.float32, copy=True)
+    first = anchored[0].reshape(-1)
+    first[0], first[1] = 0.0, 255.0
+    anchored[0] = first.reshape(anchored[0].shape)
+    return anchored
 
 
 def convert(model: keras.Model, preset: Preset | str,
@@ -228,9 +226,12 @@ def convert(model: keras.Model, preset: Preset | str,
             f"Model {model.name!r} still holds kernel-modulated layers: call "
             "km_tf.bake(model) first, so the kernels are constants in the "
             ".tflite file.")
-    samples = (_calibration_samples(model, calibration_data,
-                                    calibration_samples, preset)
-               if preset.needs_calibration else None)
+    samples = None
+    if preset.needs_calibration:
+        samples = _calibration_samples(model, calibration_data,
+                                       calibration_samples, preset)
+        if input_normalization(model) is not None:
+            samples = anchor_pixel_range(samples)
     source = static_batch_model(model) if preset.static_batch else model
     converter = tf.lite.TFLiteConverter.from_keras_model(source)
     if preset.quantization in (QUANT_FLOAT16, QUANT_DYNAMIC, QUANT_INT8):

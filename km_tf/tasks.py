@@ -8,14 +8,20 @@ read without km_tf and without pickle:
 
     t0.npy, t1.npy, ...    the tensors, float32 (or their variables' dtype)
     header.npy             uint8 bytes of a UTF-8 JSON document (see
-                           `TaskHeader`): format, version, base fingerprint,
-                           modulate() options, and each tensor's variable
-                           path, role, shape and dtype.
+                           `km_tf.task_header`): format, version, base
+                           fingerprint, modulate() options, the layout of
+                           the network by slot (class, role, shapes, the
+                           head's config) and each tensor's slot, variable,
+                           shape, dtype and SHA-256.
 
-`load_task` checks everything (format, fingerprint, options, every tensor's
-presence, shape and dtype, zip CRCs) before it assigns anything, so a bad file
-leaves the model untouched. `save_task` writes to a temporary file in the
-target folder and renames it into place.
+Layers are matched by their *slot* (place among the layers with weights,
+`km_tf.walk.weighted_layers`), never by name: a task loads into any model of
+the same structure, however Keras named its layers. `load_task` checks
+everything (header, structure, fingerprint, every tensor's presence, shape,
+dtype, digest and finiteness, zip CRCs) before it assigns anything, so a bad
+file leaves the model untouched. `save_task` writes to a temporary file in
+the target folder and renames it into place. `km_tf.restore_task` rebuilds a
+task model from its base and its file alone.
 """
 
 from __future__ import annotations
@@ -34,47 +40,61 @@ import keras
 import numpy as np
 
 from km_tf.convert import modulation_options
+from km_tf.task_header import (FORMAT_NAME, FORMAT_VERSION, TaskFileError,
+                               TaskHeader, parse_header)
 from km_tf.walk import (ROLE_BATCHNORM, ROLE_FROZEN, ROLE_HEAD,
-                        ROLE_MODULATED, layer_role, walk_layers)
+                        ROLE_MODULATED, layer_role, walk_layers,
+                        weighted_layers)
 
-FORMAT_NAME = "km-tf-task"
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "TaskFileError", "TaskHeader",
+           "TaskReport", "TaskVariable", "base_fingerprint", "layer_layout",
+           "load_task", "read_task_header", "read_task_options", "save_task",
+           "task_report", "task_variables", "write_atomically"]
+
 _HEADER_KEY = "header"
+# modulate() options that must agree between a task file and a model; which
+# layers are head or skipped is compared slot by slot instead.
+_MATCHED_OPTIONS = ("hidden_units", "form", "filter_units", "batchnorm")
 
 PathLike = str | os.PathLike
 
 
-class TaskFileError(ValueError):
-    """A task file that cannot be loaded into this model."""
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskVariable:
-    """One per-task variable: its stable key, role and Keras variable."""
+    """One per-task variable.
 
+    Attributes:
+        slot: Its layer's slot (see `km_tf.walk.weighted_layers`).
+        name: The variable's name within that layer, e.g.
+            `"modulator/hidden_kernel"` or `"kernel"`.
+        path: Layer path and name, e.g. `"head/kernel"`: for people, and
+            the key of version 1 files.
+        role: The layer's role (`km_tf.walk.layer_role`).
+        variable: The Keras variable.
+    """
+
+    slot: int
+    name: str
     path: str
     role: str
     variable: keras.Variable
 
 
 def task_variables(model: keras.Model) -> list[TaskVariable]:
-    """Lists the variables a task owns: modulators, trained BN, and head.
-
-    Keys are stable across clones and saves: the layer path (see
-    `walk.walk_layers`) joined with the variable's name, e.g.
-    `"block_1_project/modulator/hidden_kernel"` or `"head/kernel"`.
-    """
+    """Lists the variables a task owns: modulators, trained BN, and head."""
     found = []
-    for path, layer in walk_layers(model):
+    for slot, path, layer in weighted_layers(model):
         role = layer_role(layer)
         if role == ROLE_FROZEN:
             continue
         if role == ROLE_MODULATED:
-            owner, prefix = layer.modulator, f"{path}/modulator/"
+            owner, prefix = layer.modulator, "modulator/"
         else:
-            owner, prefix = layer, f"{path}/"
+            owner, prefix = layer, ""
         for variable in owner.weights:
-            found.append(TaskVariable(prefix + variable.name, role, variable))
+            name = prefix + variable.name
+            found.append(TaskVariable(slot, name, f"{path}/{name}", role,
+                                      variable))
     return found
 
 
@@ -111,18 +131,27 @@ def base_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskHeader:
-    """The JSON header of a task file."""
+def layer_layout(model: keras.Model) -> list[dict[str, Any]]:
+    """The header's `layers`: class, role and weight shapes of every slot.
 
-    base_fingerprint: str
-    options: dict[str, Any]
-    tensors: list[dict[str, Any]]
-    format: str = FORMAT_NAME
-    version: int = FORMAT_VERSION
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+    A KM layer is described as the plain layer it modulates, with its base
+    weights, so a base and its KM models have the same layout but for the
+    roles. Head layers also carry their Keras config (`get_config()`).
+    """
+    layout = []
+    for _, path, layer in weighted_layers(model):
+        role = layer_role(layer)
+        plain = getattr(layer, "plain_class", type(layer))
+        weights = ([layer.base_kernel] + ([layer.bias] if layer.use_bias
+                                          else [])
+                   if role == ROLE_MODULATED else layer.weights)
+        layout.append({
+            "path": path, "class": plain.__name__, "role": role,
+            "shapes": [list(weight.shape) for weight in weights],
+            "config": _json_ready(layer.get_config()) if role == ROLE_HEAD
+            else None,
+        })
+    return layout
 
 
 def save_task(model: keras.Model, path: PathLike) -> TaskHeader:
@@ -136,15 +165,30 @@ def save_task(model: keras.Model, path: PathLike) -> TaskHeader:
 
     Returns:
         The header that was written.
+
+    Raises:
+        ValueError: A per-task weight is NaN or infinite (training
+            diverged); nothing is written.
     """
     variables = task_variables(model)
-    tensors = {f"t{i}": keras.ops.convert_to_numpy(v.variable)
-               for i, v in enumerate(variables)}
+    tensors = {f"t{i}": np.ascontiguousarray(
+        keras.ops.convert_to_numpy(v.variable)) for i, v in enumerate(variables)}
+    for (key, array), item in zip(tensors.items(), variables):
+        if not np.all(np.isfinite(array)):
+            raise ValueError(
+                f"Variable {item.path!r} holds NaN or infinite values, so the "
+                f"task is not saved to {os.fspath(path)!r}. Training "
+                "diverged: lower the learning rate and train again.")
+    options = modulation_options(model)
     header = TaskHeader(
         base_fingerprint=base_fingerprint(model),
-        options=modulation_options(model),
-        tensors=[{"key": key, "path": v.path, "role": v.role,
-                  "shape": list(array.shape), "dtype": str(array.dtype)}
+        options={key: value for key, value in options.items()
+                 if value is not None and value != []},
+        layers=layer_layout(model),
+        tensors=[{"key": key, "slot": v.slot, "variable": v.name,
+                  "path": v.path, "role": v.role,
+                  "shape": list(array.shape), "dtype": str(array.dtype),
+                  "sha256": _digest(array)}
                  for (key, array), v in zip(tensors.items(), variables)],
     )
     tensors[_HEADER_KEY] = np.frombuffer(header.to_json().encode(), np.uint8)
@@ -168,6 +212,11 @@ def read_task_header(path: PathLike) -> TaskHeader:
 def read_task_options(path: PathLike) -> dict[str, Any]:
     """The `modulate()` keyword arguments the task at `path` was trained with.
 
+    `head` and `skip` appear only where the task chose its layers by name;
+    otherwise `modulate`'s defaults pick the same layers in any model of the
+    base's structure. To rebuild a task model (a head of another class count
+    included), use `km_tf.restore_task(base, path)`.
+
     Example:
     >>> km = km_tf.modulate(base, **km_tf.read_task_options("a.kmtask"))
     >>> km_tf.load_task(km, "a.kmtask")
@@ -178,12 +227,14 @@ def read_task_options(path: PathLike) -> dict[str, Any]:
 def load_task(model: keras.Model, path: PathLike) -> TaskHeader:
     """Loads a task file into a KM model built on the same base.
 
-    Every check runs before the first assignment: on any error the model is
-    unchanged.
+    Layers are matched by slot (see the module docstring), so the model may
+    come from anywhere: `km_tf.restore_task`, the same architecture rebuilt
+    in code under other layer names, or a loaded `.keras` file. Every check
+    runs before the first assignment: on any error the model is unchanged.
 
     Args:
         model: A model made by `km_tf.modulate` from the task's base, with
-            the options in `read_task_options(path)`.
+            the task's head and options (`km_tf.restore_task` builds it).
         path: A file written by `save_task`.
 
     Returns:
@@ -192,35 +243,49 @@ def load_task(model: keras.Model, path: PathLike) -> TaskHeader:
     Raises:
         FileNotFoundError: No file at `path`.
         TaskFileError: The file is corrupt or truncated, was made for another
-            base network or other modulate() options, or lacks or mis-shapes
-            a tensor this model needs.
+            base network, other modulate() options or another head, or one
+            of its tensors is missing, mis-shaped, altered or not finite.
     """
     with _open_task(path) as archive:
         header = _read_header(archive, path)
-        options = modulation_options(model)
-        differing = {k: (v, options.get(k))
-                     for k, v in header.options.items() if options.get(k) != v}
-        if differing:
-            details = ", ".join(f"{k}: file {a!r} vs model {b!r}"
-                                for k, (a, b) in differing.items())
-            raise TaskFileError(
-                f"Task file {os.fspath(path)!r} was trained with other "
-                f"modulate() options ({details}). Build the model with "
-                "km_tf.modulate(base, **km_tf.read_task_options(path))."
-            )
-        expected = base_fingerprint(model)
-        if header.base_fingerprint != expected:
-            raise TaskFileError(
-                f"Task file {os.fspath(path)!r} was made for a different base "
-                f"network (base fingerprint {header.base_fingerprint[:12]}…, "
-                f"this model's {expected[:12]}…). Load it into a model "
-                "modulated from the base it was trained on, or retrain the "
-                "task on this base."
-            )
+        _check_options(header, model, path)
+        if header.version >= 2:
+            _check_layout(header, layer_layout(model), path)
+        _check_fingerprint(header, model, path)
         values = _read_tensors(archive, header, model, path)
     for variable, value in values:
         variable.assign(value)
     return header
+
+
+def first_layout_difference(file_layers: list[dict[str, Any]],
+                            layers: list[dict[str, Any]], *,
+                            roles: bool) -> str | None:
+    """Describes the first slot where a file's layout and a model's differ.
+
+    Args:
+        file_layers: The `layers` of a task header.
+        layers: `layer_layout(model)`.
+        roles: Compare roles too (a KM model), or only structure (a base).
+            Head layers are compared by class: their shapes are the task's.
+
+    Returns:
+        `None` when they agree, else a sentence naming the slot.
+    """
+    for slot, (theirs, ours) in enumerate(zip(file_layers, layers)):
+        head = theirs["role"] == ROLE_HEAD or ours["role"] == ROLE_HEAD
+        differs = (theirs["class"] != ours["class"]
+                   or (roles and theirs["role"] != ours["role"])
+                   or (not head and theirs["shapes"] != ours["shapes"]))
+        if differs:
+            return (f"layer slot {slot} ({ours['path']!r} in the model, "
+                    f"{theirs['path']!r} in the file) is "
+                    f"{_describe(ours, roles)} in the model but "
+                    f"{_describe(theirs, roles)} in the file")
+    if len(file_layers) != len(layers):
+        return (f"the file lists {len(file_layers)} layers with weights, the "
+                f"model has {len(layers)}")
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +367,8 @@ def write_atomically(path: str, data: bytes) -> None:
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-",
                                          suffix=os.path.basename(path))
     try:
+        # mkstemp creates 0600; give the file what open() would give.
+        os.fchmod(handle, 0o666 & ~_current_umask())
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
@@ -311,6 +378,12 @@ def write_atomically(path: str, data: bytes) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class _open_task:
@@ -361,50 +434,143 @@ def _read_header(archive: zipfile.ZipFile, path: PathLike) -> TaskHeader:
             f"{os.fspath(path)!r} has no km-tf header: it is not a task file "
             "written by km_tf.save_task.")
     raw = _load_member(archive, _HEADER_KEY, path)
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise _corrupt(path, ValueError("the header is not UTF-8 bytes"))
     try:
-        fields = json.loads(raw.tobytes().decode())
-        header = TaskHeader(**fields)
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
+        text = raw.tobytes().decode()
+    except UnicodeDecodeError as error:
         raise _corrupt(path, error) from error
-    if header.format != FORMAT_NAME or header.version > FORMAT_VERSION:
+    return parse_header(text, os.fspath(path))
+
+
+def _check_options(header: TaskHeader, model: keras.Model,
+                   path: PathLike) -> None:
+    """The modulator options of the file and the model agree."""
+    options = modulation_options(model)
+    names = _MATCHED_OPTIONS
+    if header.version == 1:  # It matched head and skipped layers by name.
+        names = tuple(header.options)
+        options["head"] = [layer.name for _, layer in walk_layers(model)
+                           if layer_role(layer) == ROLE_HEAD]
+    differing = {k: (header.options.get(k), options.get(k)) for k in names
+                 if header.options.get(k) != options.get(k)}
+    if differing:
+        details = ", ".join(f"{k}: file {a!r} vs model {b!r}"
+                            for k, (a, b) in differing.items())
         raise TaskFileError(
-            f"{os.fspath(path)!r} is {header.format!r} version "
-            f"{header.version}; this km-tf reads {FORMAT_NAME!r} up to "
-            f"version {FORMAT_VERSION}. Upgrade km-tf.")
-    return header
+            f"Task file {os.fspath(path)!r} was trained with other "
+            f"modulate() options ({details}). Build the model with "
+            "km_tf.restore_task(base, path).")
+
+
+def _check_layout(header: TaskHeader, layout: list[dict[str, Any]],
+                  path: PathLike) -> None:
+    """The model has the file's structure, roles and head shapes."""
+    difference = first_layout_difference(header.layers, layout, roles=True)
+    if difference:
+        raise TaskFileError(
+            f"Task file {os.fspath(path)!r} does not fit this model: "
+            f"{difference}. Load it into the base it was trained on, "
+            "modulated with its options: km_tf.restore_task(base, path).")
+    for slot, entry in header.head_layers:
+        if entry["shapes"] != layout[slot]["shapes"]:
+            raise TaskFileError(
+                f"Task file {os.fspath(path)!r} has a head of another size: "
+                f"layer slot {slot} ({layout[slot]['path']!r}) has weights "
+                f"{entry['shapes']} in the file, {layout[slot]['shapes']} "
+                "in the model (another class count). Build the task model "
+                "with km_tf.restore_task(base, path), which rebuilds the "
+                "file's head.")
+
+
+def _check_fingerprint(header: TaskHeader, model: keras.Model,
+                       path: PathLike) -> None:
+    expected = base_fingerprint(model)
+    if header.base_fingerprint != expected:
+        raise TaskFileError(
+            f"Task file {os.fspath(path)!r} was made for a different base "
+            f"network (base fingerprint {header.base_fingerprint[:12]}…, "
+            f"this model's {expected[:12]}…): the layers match but their "
+            "frozen weights differ. Load it into a model modulated from the "
+            "base it was trained on, or retrain the task on this base.")
 
 
 def _read_tensors(archive: zipfile.ZipFile, header: TaskHeader,
                   model: keras.Model, path: PathLike
                   ) -> list[tuple[keras.Variable, np.ndarray]]:
-    wanted = {item.path: item.variable for item in task_variables(model)}
-    listed = {entry["path"]: entry for entry in header.tensors}
-    missing = sorted(set(wanted) - set(listed))
-    extra = sorted(set(listed) - set(wanted))
+    """Every tensor the model needs, checked; nothing is assigned here."""
+    source = os.fspath(path)
+    by_key = ((lambda item: (item.slot, item.name)) if header.version >= 2
+              else (lambda item: item.path))
+    wanted = {by_key(item): item for item in task_variables(model)}
+    listed = {(entry["slot"], entry["variable"]) if header.version >= 2
+              else entry["path"]: entry for entry in header.tensors}
+    missing = sorted(wanted[k].path for k in set(wanted) - set(listed))
+    extra = sorted(listed[k]["path"] for k in set(listed) - set(wanted))
     if missing or extra:
         raise TaskFileError(
-            f"Task file {os.fspath(path)!r} does not match this model's "
-            f"per-task variables: missing {_few(missing)}, unexpected "
-            f"{_few(extra)}. Build the model with the task's base and "
-            "options (km_tf.read_task_options).")
+            f"Task file {source!r} does not match this model's per-task "
+            f"variables: missing {_few(missing)}, unexpected {_few(extra)}. "
+            "Build the model with km_tf.restore_task(base, path).")
     values = []
-    for name, variable in wanted.items():
-        entry = listed[name]
+    for key, item in wanted.items():
+        entry, variable = listed[key], item.variable
         if entry["key"] not in _members(archive):
-            raise _corrupt(path, KeyError(f"tensor {entry['key']} of {name}"))
+            raise _corrupt(path, KeyError(f"tensor {entry['key']} of "
+                                          f"{item.path}"))
         value = _load_member(archive, entry["key"], path)
+        stored = (tuple(value.shape), str(value.dtype))
+        if stored != (tuple(entry["shape"]), entry["dtype"]):
+            raise TaskFileError(
+                f"Tensor {item.path!r} in {source!r} is {stored[1]} "
+                f"{stored[0]}, but the header says {entry['dtype']} "
+                f"{tuple(entry['shape'])}: the file was altered. Re-create "
+                "it with km_tf.save_task.")
+        if header.version >= 2 and _digest(value) != entry["sha256"]:
+            raise TaskFileError(
+                f"Tensor {item.path!r} in {source!r} does not match its "
+                "SHA-256 in the header: the file was altered (e.g. tensors "
+                "swapped). Re-create it with km_tf.save_task.")
         if tuple(value.shape) != tuple(variable.shape):
             raise TaskFileError(
-                f"Tensor {name!r} in {os.fspath(path)!r} has shape "
+                f"Tensor {item.path!r} in {source!r} has shape "
                 f"{tuple(value.shape)}, but the model's variable has shape "
                 f"{tuple(variable.shape)}. The task was trained for another "
-                "head or modulator size: build the model to match it.")
+                "head or modulator size: build the model with "
+                "km_tf.restore_task(base, path).")
         if value.dtype != np.dtype(variable.dtype):
             raise TaskFileError(
-                f"Tensor {name!r} in {os.fspath(path)!r} is {value.dtype}, "
-                f"but the model's variable is {variable.dtype}.")
+                f"Tensor {item.path!r} in {source!r} is {value.dtype}, but "
+                f"the model's variable is {variable.dtype}.")
+        if not np.all(np.isfinite(value)):
+            raise TaskFileError(
+                f"Tensor {item.path!r} in {source!r} holds NaN or infinite "
+                "values; the task would compute garbage. Retrain it.")
         values.append((variable, value))
     return values
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _describe(entry: dict[str, Any], roles: bool) -> str:
+    shapes = ", ".join(str(tuple(shape)) for shape in entry["shapes"])
+    role = f" ({entry['role']})" if roles else ""
+    return f"{entry['class']} [{shapes}]{role}"
+
+
+def _json_ready(value: Any) -> Any:
+    """A Keras config as plain JSON types (tuples become lists)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _few(names: list[str], limit: int = 3) -> str:

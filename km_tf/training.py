@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TextIO
 
 import keras
 import tensorflow as tf
 
 from km_tf.data import ImageDatasets
 from km_tf.distribute import patch_keras_multi_worker
-from km_tf.models import build_task_model
-from km_tf.tasks import PathLike, load_task, read_task_options
+from km_tf.tasks import PathLike
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -210,7 +210,7 @@ def fit_and_evaluate(
         steps_per_epoch: Train steps per epoch (the training data repeats);
             `None` for one pass over it.
         tensorboard: Write TensorBoard logs.
-        verbose: Keras `fit` verbosity (`"auto"`: a progress bar).
+        verbose: Keras `fit` verbosity; `"auto"`: see `progress_verbosity`.
         callbacks: More callbacks, after the standard ones.
 
     Returns:
@@ -238,12 +238,36 @@ def fit_and_evaluate(
     history = model.fit(
         train, epochs=epochs, steps_per_epoch=steps_per_epoch,
         validation_data=data.validation, callbacks=[*standard, *callbacks],
-        shuffle=False, verbose=verbose)  # The datasets shuffle themselves.
+        shuffle=False,  # The datasets shuffle themselves.
+        verbose=progress_verbosity(verbose))
     accuracy = {split: evaluate_accuracy(model, getattr(data, split))
                 for split in ("validation", "test")}
     return FitResult(model=model, epochs=[e + 1 for e in history.epoch],
                      history=history.history, accuracy=accuracy,
                      seconds=time.perf_counter() - start)
+
+
+def progress_verbosity(verbose: str | int = "auto",
+                       stream: TextIO | None = None) -> int:
+    """Keras `fit` verbosity: a progress bar on a terminal, else a line per
+    epoch.
+
+    Keras' own `"auto"` draws the progress bar into log files too, where
+    every refresh becomes a fragment (thousands per run).
+
+    Args:
+        verbose: `"auto"`, or a Keras verbosity (0 silent, 1 progress bar,
+            2 one line per epoch), returned as it is.
+        stream: The output to judge; default `sys.stdout`.
+
+    Returns:
+        1 when `verbose` is `"auto"` and `stream` is a terminal, 2 when it
+        is `"auto"` and not, else `int(verbose)`.
+    """
+    if verbose != "auto":
+        return int(verbose)
+    stream = sys.stdout if stream is None else stream
+    return 1 if stream.isatty() else 2
 
 
 def evaluate_accuracy(model: keras.Model, dataset: tf.data.Dataset,
@@ -258,25 +282,6 @@ def evaluate_accuracy(model: keras.Model, dataset: tf.data.Dataset,
             "(it has " + ", ".join(logs) + "); compile it with "
             "km_tf.training.compile_classifier.")
     return float(logs["accuracy"])
-
-
-def restore_task_model(base: keras.Model, task_path: PathLike,
-                       num_classes: int, **head_options: Any) -> keras.Model:
-    """Rebuilds a trained task: the base, modulated as the file says, loaded.
-
-    Args:
-        base: The base classifier the task was trained on.
-        task_path: A `.kmtask` file from `km_tf.save_task`.
-        num_classes: Classes of the task (the head's size).
-        **head_options: For `km_tf.models.build_task_model` (`head_layer`).
-
-    Returns:
-        The KM model with the task's weights.
-    """
-    model = build_task_model(base, num_classes, **head_options,
-                             **read_task_options(task_path))
-    load_task(model, task_path)
-    return model
 
 
 def _batches_per_pass(dataset: tf.data.Dataset) -> int:

@@ -13,8 +13,11 @@ trains the task with AdamW. The search space (`SearchSpace`) covers:
 Augmentation lives in the `tf.data` pipeline, not in the model: the hyper
 model asks a `load_data(strength)` function (typically a
 `km_tf.data.load(..., augment=strength)` call) for the trial's datasets, so
-the task model holds no preprocessing layers and `save_task`, `bake` and the
-TFLite export see exactly the model `modulate` made.
+the task model holds no augmentation layers and `save_task`, `bake` and the
+TFLite export see exactly the model `modulate` made. Input normalisation is
+the base's own (`km_tf.models` bases take pixels in `[0, 255]`, which
+`load` yields by default); for a base without it, pass `load` its
+`normalization=` mode.
 
 The objective is validation accuracy. The per-task parameter budget
 (`Budget`: absolute `max_task_params` and/or `max_task_percent` of the base)

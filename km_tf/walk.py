@@ -56,6 +56,22 @@ def walk_layers(model: keras.Model, prefix: str = ""
             yield path, layer
 
 
+def weighted_layers(model: keras.Model
+                    ) -> list[tuple[int, str, keras.layers.Layer]]:
+    """The leaf layers that hold weights, numbered in walk order.
+
+    The number (a layer's *slot*) identifies a layer by its place in the
+    network, whatever its name: `modulate` and `bake` keep every slot, and
+    a model rebuilt in code or loaded from a file numbers its layers the
+    same way, while auto-generated names (`dense` / `dense_1`) differ.
+
+    Returns:
+        `(slot, path, layer)` for every leaf layer with weights.
+    """
+    return [(slot, path, layer) for slot, (path, layer) in enumerate(
+        (path, layer) for path, layer in walk_layers(model) if layer.weights)]
+
+
 def is_convolution(layer: keras.layers.Layer) -> bool:
     """True for every Keras convolution layer (KM or plain, any rank)."""
     return isinstance(layer, CONV_BASES)

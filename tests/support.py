@@ -24,6 +24,21 @@ def small_convnet(input_shape=(16, 16, 3), num_classes=3,
     return keras.Model(inputs, outputs, name=name)
 
 
+def auto_named_convnet(input_shape=(16, 16, 3), num_classes=3
+                       ) -> keras.Model:
+    """A ConvNet whose layers all carry Keras' auto-generated names, as in
+    most user code: building it twice gives `dense` and `dense_1`."""
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same",
+                            use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    x = keras.layers.Conv2D(12, 1)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+
+
 def random_images(n=8, shape=(16, 16, 3), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
 

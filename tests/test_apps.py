@@ -16,7 +16,6 @@ SMALL_BUDGET = """\
 --pretrain_epochs=1
 --task_epochs=2
 --steps_per_epoch=2
---verbose=2
 """
 
 
@@ -41,13 +40,28 @@ def check(result: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory) -> Path:
-    """The default train run on a small budget, flags from a --flagfile."""
+    """The default train run on a small budget, flags from a --flagfile,
+    its output going to a log file."""
     folder = tmp_path_factory.mktemp("run")
     flagfile = folder / "small.flags"
     flagfile.write_text(SMALL_BUDGET)
-    check(run_app("train", f"--flagfile={flagfile}",
-                  f"--output_dir={folder / 'out'}"))
+    log = folder / "train.log"
+    with open(log, "w") as stream:
+        result = subprocess.run(
+            app_command("train", f"--flagfile={flagfile}",
+                        f"--output_dir={folder / 'out'}"),
+            env=APP_ENVIRONMENT, stdout=stream, stderr=subprocess.STDOUT,
+            text=True, timeout=600)
+    assert result.returncode == 0, log.read_text()[-4000:]
     return folder / "out"
+
+
+@pytest.mark.slow
+def test_run_logs_one_line_per_epoch_to_a_file(default_run):
+    text = (default_run.parent / "train.log").read_text()
+    # Not a progress bar redrawn with \b or \r, thousands of fragments.
+    assert "\b" not in text and "\r" not in text
+    assert text.count("Epoch 1/2") == text.count("Epoch 2/2") == 1
 
 
 @pytest.mark.slow
@@ -64,6 +78,7 @@ def test_default_run_writes_the_base_task_file_and_report(default_run):
     assert task["task"]["task_bytes"] == 4 * task["task"]["task_params"]
     assert 0 < task["task"]["task_percent_of_base"] < 100
     assert report["settings"]["mode"] == "all"
+    assert report["settings"]["image_size"] == 32
     text = (default_run / "report.txt").read_text()
     assert "task / base" in text and "[task] digits:5-9" in text
 
@@ -91,6 +106,62 @@ def test_evaluate_scores_the_base_alone(default_run, tmp_path):
     expected = report["stages"][0]["accuracy"]["test"]
     assert json.loads(output.read_text())["accuracy"] == pytest.approx(
         expected, abs=1e-6)
+
+
+def _export_parity(out: Path, spec: str, export_dir: Path) -> dict:
+    """Exports a run's task (float32, data from `spec`); its parity."""
+    check(subprocess.run(
+        [sys.executable, str(ROOT / "tflite" / "export.py"),
+         f"--base={out / 'base.keras'}", f"--task={out / 'task.kmtask'}",
+         "--preset=float32", f"--calibration_data={spec}",
+         f"--output_dir={export_dir}"],
+        env=APP_ENVIRONMENT, capture_output=True, text=True, timeout=600))
+    return json.loads((export_dir / "task_float32.report.json").read_text()
+                      )["parity"]
+
+
+@pytest.mark.slow
+def test_export_reproduces_the_training_test_accuracy(default_run, tmp_path):
+    report = json.loads((default_run / "report.json").read_text())
+    test_accuracy = report["stages"][1]["accuracy"]["test"]
+    parity = _export_parity(default_run, "digits:5-9", tmp_path)
+    assert parity["float_accuracy"] == pytest.approx(test_accuracy, abs=1e-6)
+    assert parity["tflite_accuracy"] == pytest.approx(test_accuracy,
+                                                      abs=0.01)
+
+
+@pytest.mark.slow
+def test_caffe_base_and_new_class_count_train_evaluate_export(tmp_path):
+    """ResNet50 (caffe normalization inside, RGB->BGR folded) with a 3-class
+    task on its 5-class base: no normalization flag anywhere, and evaluate
+    and export reproduce the training run's test accuracy. (MobileNetV2 is
+    the default run's.)"""
+    out = tmp_path / "run"
+    check(run_app("train", "--model=resnet50", "--alpha=1.0",
+                  "--task_data=digits:5-7", "--pretrain_epochs=1",
+                  "--task_epochs=1", "--steps_per_epoch=2",
+                  f"--output_dir={out}", timeout=900))
+    report = json.loads((out / "report.json").read_text())
+    test_accuracy = report["stages"][1]["accuracy"]["test"]
+    evaluation = tmp_path / "eval.json"
+    check(run_app("evaluate", f"--base={out / 'base.keras'}",
+                  f"--task={out / 'task.kmtask'}", "--data=digits:5-7",
+                  f"--output={evaluation}"))
+    assert json.loads(evaluation.read_text())["accuracy"] == pytest.approx(
+        test_accuracy, abs=1e-6)
+    parity = _export_parity(out, "digits:5-7", tmp_path / "export")
+    assert parity["float_accuracy"] == pytest.approx(test_accuracy, abs=1e-6)
+    assert parity["tflite_accuracy"] == pytest.approx(test_accuracy,
+                                                      abs=0.01)
+
+
+@pytest.mark.slow
+def test_task_image_size_other_than_the_base_is_named(default_run, tmp_path):
+    result = run_app("train", "--mode=task",
+                     f"--base={default_run / 'base.keras'}",
+                     "--image_size=64", f"--output_dir={tmp_path / 'x'}")
+    assert result.returncode != 0
+    assert "--image_size=64" in result.stderr and "32" in result.stderr
 
 
 def test_task_mode_without_a_base_file_says_what_to_pass(tmp_path):

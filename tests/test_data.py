@@ -90,13 +90,27 @@ def test_splits_partition_the_selected_classes(digits_task):
         0.15 * expected, abs=5)
 
 
-def test_batches_are_normalised_rgb_at_the_image_size(digits_task):
+def test_batches_are_float_rgb_pixels_at_the_image_size_by_default(
+        digits_task):
     images, labels = next(iter(digits_task.validation))
     assert images.shape[1:] == (SIZE, SIZE, 3) and images.dtype == tf.float32
     assert labels.dtype == tf.int32
-    assert -1.0 <= float(tf.reduce_min(images)) < -0.9
-    assert 0.9 < float(tf.reduce_max(images)) <= 1.0
+    assert float(tf.reduce_min(images)) == 0.0
+    assert 250.0 < float(tf.reduce_max(images)) <= 255.0
     assert digits_task.image_size == (SIZE, SIZE)
+
+
+def test_a_normalization_mode_normalises_in_the_pipeline(digits_task):
+    pixels = images_of(digits_task.test)
+    scaled = data.load("digits:5-9", image_size=SIZE, batch_size=64,
+                       normalization="tf")
+    np.testing.assert_allclose(images_of(scaled.test), pixels / 127.5 - 1.0,
+                               atol=1e-5)
+    caffe = data.load("digits:5-9", image_size=SIZE, batch_size=64,
+                      normalization="caffe")
+    np.testing.assert_allclose(
+        images_of(caffe.test),
+        pixels[..., ::-1] - np.array([103.939, 116.779, 123.68]), atol=1e-3)
 
 
 def test_evaluation_splits_keep_their_order_and_train_reshuffles(digits_task):
@@ -141,6 +155,7 @@ def test_classes_by_name_follow_the_given_order():
     ("digits:1,1", {}, "repeat"),
     ("skimage:cats", {}, "faces, textures"),
     ("digits", {"augment": 2.0}, "augment"),
+    ("digits", {"normalization": "imagenet"}, "caffe"),
 ])
 def test_bad_requests_raise_clear_errors(spec, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -172,7 +187,7 @@ def test_folder_images_keep_their_class(image_folder):
     for label, name in enumerate(folder.class_names):
         channel_means = images[labels == label].mean(axis=(0, 1, 2))
         if name != "red":  # "red" also holds the grey image
-            expected = np.array(COLOURS[name]) / 127.5 - 1.0
+            expected = np.array(COLOURS[name], "float32")  # pixels
             np.testing.assert_allclose(channel_means, expected, atol=1e-5)
 
 

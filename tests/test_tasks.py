@@ -1,5 +1,6 @@
 """Per-task files: round trip, every bad-file case, and the report."""
 
+import hashlib
 import json
 import os
 import zipfile
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 import km_tf
-from support import random_images, random_labels, small_convnet
+from km_tf import models
+from support import (auto_named_convnet, random_images, random_labels,
+                     small_convnet)
 
 
 def _numpy(x):
@@ -72,11 +75,20 @@ def test_file_holds_only_task_tensors(trained_task):
     assert stored == km_tf.task_report(km).task_params
 
 
-def test_options_are_recorded(trained_task):
+def test_options_are_recorded_without_layer_names(trained_task):
+    # The default head and no skipped layer: nothing is named, so the options
+    # fit a model whose layers Keras named otherwise.
     assert km_tf.read_task_options(trained_task[1]) == {
         "hidden_units": 8, "form": "hybrid", "filter_units": 1,
-        "batchnorm": "train",
-        "head": ["head"], "skip": []}
+        "batchnorm": "train"}
+
+
+def test_head_chosen_by_name_is_recorded_by_name(base, tmp_path):
+    km = km_tf.modulate(base, hidden_units=8, head=["head"], skip=["dw"])
+    km_tf.save_task(km, tmp_path / "named.kmtask")
+    options = km_tf.read_task_options(tmp_path / "named.kmtask")
+    assert options["skip"] == ["dw"]
+    assert "head" not in options  # ["head"] is what the default picks.
 
 
 def test_wrong_base_is_refused_and_model_unchanged(trained_task):
@@ -157,8 +169,9 @@ def test_misshaped_tensor_is_named(base, trained_task, tmp_path):
         arrays[entry["key"]] = np.zeros(5, np.float32)
 
     broken = _rewrite(trained_task[1], tmp_path / "shape.npz", grow_head)
-    _assert_refused_untouched(base, broken,
-                              match=r"'head/bias'.*shape \(5,\).*\(3,\)")
+    _assert_refused_untouched(
+        base, broken, match=r"'head/bias'.*float32 \(5,\).*header says "
+        r"float32 \(3,\).*altered")
 
 
 def test_file_of_another_kind_is_refused(base, tmp_path):
@@ -225,3 +238,172 @@ def test_mobilenet_v2_modulators_are_one_to_two_percent():
     report = km_tf.task_report(km_tf.modulate(model))
     assert report.base_params == base.count_params() == 2_257_984
     assert 1.0 <= report.modulator_percent_of_base <= 2.0
+
+
+# Structure, not names: rebuilt models, heads of another class count, and
+# version 1 files.
+
+
+def _train_briefly(model, num_classes, seed=0):
+    model.compile(keras.optimizers.Adam(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(random_images(seed=seed),
+              random_labels(num_classes=num_classes, seed=seed), epochs=2,
+              verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def three_class_task_on_five_class_base(tmp_path_factory):
+    """A 5-class base with auto-named layers, and a trained 3-class task."""
+    keras.utils.set_random_seed(4)
+    base = auto_named_convnet(num_classes=5)
+    task = _train_briefly(models.build_task_model(base, 3, hidden_units=4), 3)
+    path = tmp_path_factory.mktemp("head") / "three.kmtask"
+    km_tf.save_task(task, path)
+    return base, task, path
+
+
+def _rebuilt_in_code(base):
+    """The same architecture built again (Keras names it anew) with the
+    base's weights, as a user who rebuilds the base in code has it."""
+    rebuilt = auto_named_convnet(num_classes=5)
+    assert rebuilt.layers[-1].name != base.layers[-1].name
+    rebuilt.set_weights(base.get_weights())
+    return rebuilt
+
+
+def test_restore_task_rebuilds_a_head_of_another_class_count(
+        three_class_task_on_five_class_base):
+    base, task, path = three_class_task_on_five_class_base
+    restored = km_tf.restore_task(base, path)
+    images = random_images(seed=5)
+    assert restored.output_shape == (None, 3)
+    np.testing.assert_array_equal(_numpy(restored(images)),
+                                  _numpy(task(images)))
+    assert base.output_shape == (None, 5)  # The base is left as it was.
+
+
+def test_task_loads_into_the_architecture_rebuilt_in_code(
+        three_class_task_on_five_class_base):
+    base, task, path = three_class_task_on_five_class_base
+    rebuilt = _rebuilt_in_code(base)
+    images = random_images(seed=6)
+    restored = km_tf.restore_task(rebuilt, path)
+    np.testing.assert_array_equal(_numpy(restored(images)),
+                                  _numpy(task(images)))
+    by_hand = models.build_task_model(rebuilt, 3,
+                                      **km_tf.read_task_options(path))
+    km_tf.load_task(by_hand, path)
+    np.testing.assert_array_equal(_numpy(by_hand(images)),
+                                  _numpy(task(images)))
+
+
+def test_loading_into_the_base_head_names_restore_task(
+        three_class_task_on_five_class_base):
+    base, _, path = three_class_task_on_five_class_base
+    model = km_tf.modulate(base, hidden_units=4)
+    before = _snapshot(model)
+    with pytest.raises(km_tf.TaskFileError,
+                       match=r"another class count.*restore_task"):
+        km_tf.load_task(model, path)
+    _assert_unchanged(model, before)
+
+
+def test_other_structure_is_refused_naming_the_first_difference(
+        three_class_task_on_five_class_base):
+    _, _, path = three_class_task_on_five_class_base
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same",
+                            use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    x = keras.layers.Conv2D(16, 1)(x)  # 12 filters in the task's base.
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    other = keras.Model(inputs, keras.layers.Dense(5)(x))
+    with pytest.raises(km_tf.TaskFileError,
+                       match=r"slot 3 .*Conv2D \[\(1, 1, 8, 16\), \(16,\)\] "
+                             r"in the model but Conv2D \[\(1, 1, 8, 12\), "
+                             r"\(12,\)\] in the file"):
+        km_tf.restore_task(other, path)
+
+
+V1_FIXTURE = os.path.join(os.path.dirname(__file__), "data",
+                          "task_format_v1")
+
+
+def test_version_1_task_file_still_loads():
+    """tests/data/task_format_v1 was written by km-tf 0.1.0: a 3-class task
+    on a 5-class base, with the logits it gave on four images."""
+    base = keras.saving.load_model(os.path.join(V1_FIXTURE, "base.keras"))
+    path = os.path.join(V1_FIXTURE, "task.kmtask")
+    assert km_tf.read_task_header(path).version == 1
+    expected = np.load(os.path.join(V1_FIXTURE, "expected.npz"))
+    restored = km_tf.restore_task(base, path)
+    np.testing.assert_allclose(_numpy(restored(expected["images"])),
+                               expected["logits"], atol=1e-6)
+    by_hand = models.build_task_model(base, 3,
+                                      **km_tf.read_task_options(path))
+    km_tf.load_task(by_hand, path)
+    np.testing.assert_allclose(_numpy(by_hand(expected["images"])),
+                               expected["logits"], atol=1e-6)
+
+
+# Headers bound to their tensors.
+
+
+def test_swapped_tensors_of_equal_shape_are_refused(base, trained_task,
+                                                    tmp_path):
+    def swap(header, arrays):
+        first, second = [entry for entry in header["tensors"]
+                         if entry["path"].startswith("stem_bn/")][:2]
+        first["key"], second["key"] = second["key"], first["key"]
+
+    broken = _rewrite(trained_task[1], tmp_path / "swapped.npz", swap)
+    _assert_refused_untouched(base, broken, match="SHA-256.*altered")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h.update(version="2"), "version is not an integer"),
+    (lambda h: h["tensors"][0].update(slot="0"), r"slot is not an integer"),
+    (lambda h: h["tensors"][0].update(shape=[3.5]), "shape is not an int"),
+    (lambda h: h.update(options=[]), "options is not a JSON object"),
+    (lambda h: h["layers"].pop(), "names slot|lists"),
+    (lambda h: h.pop("base_fingerprint"), "lacks"),
+    (lambda h: h.update(tensors={}), "tensors is not a JSON list"),
+])
+def test_type_tampered_header_is_a_task_file_error(base, trained_task,
+                                                   tmp_path, edit, message):
+    broken = _rewrite(trained_task[1], tmp_path / "tampered.npz",
+                      lambda header, arrays: edit(header))
+    _assert_refused_untouched(base, broken, match=f"malformed header.*"
+                                                  f"({message})")
+
+
+def test_non_finite_weights_are_refused_at_load(base, trained_task,
+                                                tmp_path):
+    def poison(header, arrays):
+        entry = next(e for e in header["tensors"] if e["path"] == "head/bias")
+        arrays[entry["key"]] = np.full(3, np.nan, np.float32)
+        entry["sha256"] = hashlib.sha256(
+            arrays[entry["key"]].tobytes()).hexdigest()
+
+    broken = _rewrite(trained_task[1], tmp_path / "nan.npz", poison)
+    _assert_refused_untouched(base, broken, match="'head/bias'.*NaN")
+
+
+def test_non_finite_weights_are_refused_at_save(base, tmp_path):
+    km = km_tf.modulate(base, hidden_units=8)
+    km.get_layer("head").bias.assign([np.inf, 0.0, 0.0])
+    with pytest.raises(ValueError, match="'head/bias'.*diverged"):
+        km_tf.save_task(km, tmp_path / "inf.kmtask")
+    assert not list(tmp_path.iterdir())
+
+
+def test_task_file_gets_the_mode_open_would_give(trained_task, tmp_path):
+    old = os.umask(0o022)
+    try:
+        km_tf.save_task(trained_task[0], tmp_path / "shared.kmtask")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.kmtask").stat().st_mode & 0o777 == 0o644

@@ -1,5 +1,6 @@
 """Tests for km_tf.training and km_tf.reporting."""
 
+import io
 import json
 import os
 
@@ -171,15 +172,16 @@ def test_evaluate_accuracy_compiles_an_uncompiled_model():
     assert 0.0 <= accuracy <= 1.0
 
 
-def test_restore_task_model_gives_the_trained_outputs(tmp_path):
+def test_restore_task_gives_the_trained_outputs_of_a_new_head(tmp_path):
     base = small_convnet(SHAPE, NUM_CLASSES)
-    task = models.build_task_model(base, 2, hidden_units=4)
+    task = models.build_task_model(base, NUM_CLASSES + 1, hidden_units=4)
     for variable in task.trainable_variables:
         variable.assign(np.random.default_rng(1).normal(
             0, 0.1, variable.shape).astype("float32"))
     path = str(tmp_path / "t.kmtask")
     km_tf.save_task(task, path)
-    restored = training.restore_task_model(base, path, 2)
+    restored = km_tf.restore_task(base, path)
+    assert restored.output_shape == (None, NUM_CLASSES + 1)
     images = np.random.default_rng(2).random((4, *SHAPE), np.float32)
     np.testing.assert_allclose(restored(images), task(images), atol=1e-5)
 
@@ -198,3 +200,15 @@ def test_write_report_writes_json_and_text(tmp_path):
     text = open(text_path).read()
     assert "test 87.5%" in text and "task / base" in text
     assert sorted(os.listdir(tmp_path)) == ["report.json", "report.txt"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_a_line_per_epoch_in_a_log():
+    assert training.progress_verbosity("auto", _Terminal()) == 1
+    assert training.progress_verbosity("auto", io.StringIO()) == 2
+    assert training.progress_verbosity(0, _Terminal()) == 0
+    assert training.progress_verbosity("1", io.StringIO()) == 1

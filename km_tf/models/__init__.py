@@ -1,5 +1,8 @@
 """Base networks for Kernel Modulation: builders, heads, input normalisation.
 
+Every model built here takes RGB pixels in `[0, 255]`; `add_preprocessing`
+gives the same input to a base of your own.
+
 Example:
 >>> from km_tf import models
 >>> base = models.build_model("mobilenet_v2", 5, image_size=96, alpha=0.35)
@@ -10,7 +13,14 @@ from km_tf.models.heads import HEAD_NAME
 from km_tf.models.heads import add_head
 from km_tf.models.heads import build_task_model
 from km_tf.models.heads import replace_head
+from km_tf.models.preprocessing import INPUT_NAME
+from km_tf.models.preprocessing import INPUT_NORMALIZATION_NAME
 from km_tf.models.preprocessing import NORMALIZATIONS
+from km_tf.models.preprocessing import add_preprocessing
+from km_tf.models.preprocessing import fold_channel_swap
+from km_tf.models.preprocessing import input_normalization
+from km_tf.models.preprocessing import input_size
+from km_tf.models.preprocessing import normalization_layer
 from km_tf.models.preprocessing import normalize
 from km_tf.models.registry import DEFAULT_BN_MOMENTUM
 from km_tf.models.registry import MODEL_NAMES

@@ -52,7 +52,7 @@ def replace_head(
     model: keras.Model,
     num_classes: int,
     *,
-    head_layer: str = HEAD_NAME,
+    head_layer: str | None = None,
     classifier_activation: str | None = None,
 ) -> keras.Model:
     """Copies a classifier and gives the copy a fresh head.
@@ -65,7 +65,8 @@ def replace_head(
         model: A functional classifier, e.g. from `build_model` or
             `keras.saving.load_model`.
         num_classes: Classes of the new task.
-        head_layer: Name of the Dense layer to replace.
+        head_layer: Name of the Dense layer to replace; `None`: the model's
+            last layer, which must be a Dense layer (whatever its name).
         classifier_activation: Activation of the new head (`None`: logits).
 
     Returns:
@@ -76,17 +77,26 @@ def replace_head(
     """
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    try:
-        old_head = copy.get_layer(head_layer)
-    except ValueError:
-        last = [layer.name for layer in copy.layers[-3:]]
-        raise ValueError(
-            f"Model {model.name!r} has no layer named {head_layer!r} to "
-            f"replace; its last layers are {last}. Pass `head_layer=` the "
-            "name of its final Dense layer."
-        ) from None
+    last = [layer.name for layer in copy.layers[-3:]]
+    if head_layer is None:
+        old_head = copy.layers[-1]
+        if not isinstance(old_head, layers.Dense):
+            raise ValueError(
+                f"The last layer of model {model.name!r} is "
+                f"{type(old_head).__name__} {old_head.name!r}, not a Dense "
+                f"head (its last layers are {last}). Pass `head_layer=` the "
+                "name of its classifier's Dense layer.")
+    else:
+        try:
+            old_head = copy.get_layer(head_layer)
+        except ValueError:
+            raise ValueError(
+                f"Model {model.name!r} has no layer named {head_layer!r} to "
+                f"replace; its last layers are {last}. Pass `head_layer=` "
+                "the name of its final Dense layer."
+            ) from None
     outputs = layers.Dense(
-        num_classes, activation=classifier_activation, name=head_layer
+        num_classes, activation=classifier_activation, name=old_head.name
     )(old_head.input)
     return keras.Model(copy.inputs, outputs, name=f"{model.name}_task")
 
@@ -95,7 +105,7 @@ def build_task_model(
     base: keras.Model,
     num_classes: int,
     *,
-    head_layer: str = HEAD_NAME,
+    head_layer: str | None = None,
     classifier_activation: str | None = None,
     **modulate_options: Any,
 ) -> keras.Model:
@@ -109,7 +119,8 @@ def build_task_model(
         base: Pretrained classifier (e.g. `build_model(...)` after training,
             or `keras.saving.load_model(path)`).
         num_classes: Classes of the task.
-        head_layer: Name of the Dense head in `base`.
+        head_layer: Name of the Dense head in `base`; `None`: its last
+            layer (see `replace_head`).
         classifier_activation: Activation of the new head (`None`: logits).
         **modulate_options: Passed to `km_tf.modulate` (`hidden_units`,
             `form`, `batchnorm`, `head`, `skip`).

@@ -1,4 +1,9 @@
-"""The table of base networks: name -> trunk builder, input normalisation."""
+"""The table of base networks: name -> trunk builder, input normalisation.
+
+Every model built here is flat and takes RGB pixels in `[0, 255]`:
+`keras.Input(name="pixels")` -> the `input_normalization` layer of its mode
+(`km_tf.models.normalization_layer`) -> trunk -> (head).
+"""
 
 import dataclasses
 import os
@@ -9,6 +14,10 @@ import keras
 from km_tf.models import mobilenet
 from km_tf.models import resnet
 from km_tf.models.heads import add_head
+from km_tf.models.preprocessing import BGR_MODES
+from km_tf.models.preprocessing import INPUT_NAME
+from km_tf.models.preprocessing import fold_channel_swap
+from km_tf.models.preprocessing import normalization_layer
 from km_tf.models.weights import load_weights
 from km_tf.models.weights import set_batchnorm_momentum
 
@@ -25,8 +34,11 @@ class ModelSpec:
     """How to build one base network.
 
     Attributes:
-        trunk: `(input_shape, *, weights, [alpha]) -> keras.Model`.
-        normalization: Input mode (see `km_tf.models.preprocessing`).
+        trunk: `(inputs, *, weights, [alpha]) -> keras.Model`, built on a
+            KerasTensor of inputs normalised with `normalization`.
+        normalization: Mode of the trunk's inputs, i.e. of the
+            normalisation layer that `build_base` puts in front of it (see
+            `km_tf.models.preprocessing`).
         width_multiplier: Whether the trunk takes `alpha`.
     """
 
@@ -68,14 +80,18 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def normalization_for(name: str) -> str:
-    """Returns the input normalisation mode a base network expects.
+    """Returns the normalisation mode inside the models of a base network.
+
+    Models from `build_base` / `build_model` take pixels in `[0, 255]` and
+    normalise them with this mode's layer (`input_normalization(model)`
+    returns it); feed them `km_tf.data.load(...)` without `normalization`.
+    The mode is what the bare trunk expects.
 
     Args:
         name: One of `MODEL_NAMES`.
 
     Returns:
-        A mode for `km_tf.data.load(normalization=...)`: `"tf"` ([-1, 1]) or
-        `"caffe"`.
+        `"tf"` ([-1, 1]) or `"caffe"`.
 
     Example:
     >>> normalization_for("mobilenet_v2")  # 'tf'
@@ -93,6 +109,14 @@ def build_base(
 ) -> keras.Model:
     """Builds the convolutional trunk of a base network (no pooling, no head).
 
+    The trunk takes RGB pixels in `[0, 255]`: its input `"pixels"` feeds the
+    `input_normalization` layer of `normalization_for(name)` (a
+    `keras.layers.Rescaling`), which feeds the first conv. For `"caffe"`
+    (ResNet50) the layer subtracts the ImageNet mean in RGB order; with
+    `weights="imagenet"`, whose first conv was trained on BGR, the RGB ->
+    BGR swap is then folded into that conv (`fold_channel_swap`), which is
+    exact. Random weights need no fold (they learn on RGB).
+
     Args:
         name: One of `MODEL_NAMES`.
         image_size: Input height and width (int for square), at least 32.
@@ -100,12 +124,13 @@ def build_base(
             ResNet50.
         weights: `"imagenet"` (Keras download; raises
             `WeightsUnavailableError` when offline), `None` (random), or a
-            local `.keras` / `.weights.h5` file of this trunk.
+            local `.keras` / `.weights.h5` file of this trunk (as built
+            here, with the normalisation layer).
         bn_momentum: Momentum for every BatchNorm layer (see
             `DEFAULT_BN_MOMENTUM`); `None` keeps the Keras value.
 
     Returns:
-        The trunk as a functional `keras.Model` with a 4-D output.
+        The trunk as a flat functional `keras.Model` with a 4-D output.
 
     Example:
     >>> trunk = build_base("mobilenet_v2", image_size=96, alpha=0.35)
@@ -117,11 +142,15 @@ def build_base(
     elif alpha != 1.0:
         raise ValueError(f"{name} has no width multiplier; got alpha={alpha}.")
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    pixels = keras.Input((*size, 3), name=INPUT_NAME)
+    normalized = normalization_layer(spec.normalization)(pixels)
     trunk = spec.trunk(
-        (*size, 3),
+        normalized,
         weights="imagenet" if weights == "imagenet" else None,
         **options,
     )
+    if weights == "imagenet" and spec.normalization in BGR_MODES:
+        fold_channel_swap(trunk)
     if bn_momentum is not None:
         set_batchnorm_momentum(trunk, bn_momentum)
     if weights not in ("imagenet", None):
@@ -143,8 +172,9 @@ def build_model(
     """Builds a base classifier: trunk + average pool + dropout + Dense head.
 
     The head is the Dense layer named `"head"`; it outputs logits unless
-    `classifier_activation` is set. Feed inputs normalised with
-    `normalization_for(name)` (`km_tf.data.load` does this).
+    `classifier_activation` is set. The model takes RGB pixels in
+    `[0, 255]` and normalises them itself (see `build_base`); feed it
+    `km_tf.data.load(...)` without `normalization`.
 
     Args:
         name: One of `MODEL_NAMES`.

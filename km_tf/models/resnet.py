@@ -4,16 +4,18 @@ ResNet18/34 follow He et al. (2016), table 1: a 7x7/2 stem conv and 3x3/2 max
 pool, then four stages of basic blocks (two 3x3 convs; a 1x1 projection
 shortcut where the shape changes), channels_last, `Conv2D(use_bias=False)` +
 `BatchNormalization` + `ReLU`. Keras ships no ImageNet weights for them, and
-they expect inputs in `[-1, 1]` (mode `"tf"`, like the MobileNets).
+they expect inputs in `[-1, 1]` (mode `"tf"`, like the MobileNets; the
+`input_normalization` layer of `km_tf.models.build_base` makes them).
 `alpha` scales every conv's width (1.0 = the paper). `resnet50` is
 `keras.applications.ResNet50` (bottleneck blocks, no `alpha`), which expects
-caffe-style inputs (mode `"caffe"`).
+caffe-style inputs (mode `"caffe"`: BGR, mean subtracted; in km_tf models
+the swap is folded into `conv1_conv`, see `km_tf.models.fold_channel_swap`).
 
-Each is called as `trunk(input_shape, *, [alpha], weights=None)` and returns
-the trunk without pooling or head.
+Each is called as `trunk(inputs, *, [alpha], weights=None)` on a 4-D
+KerasTensor and returns the trunk without pooling or head.
 
 Example:
->>> trunk = resnet18((64, 64, 3), alpha=0.5)
+>>> trunk = resnet18(keras.Input((64, 64, 3)), alpha=0.5)
 """
 
 import functools
@@ -31,7 +33,7 @@ _BN_EPSILON = 1.001e-5  # as keras.applications.ResNet50
 
 
 def basic_resnet(
-    input_shape: tuple[int, int, int],
+    inputs,
     blocks_per_stage: tuple[int, ...],
     *,
     alpha: float = 1.0,
@@ -41,17 +43,19 @@ def basic_resnet(
     """Builds a basic-block ResNet trunk.
 
     Args:
-        input_shape: `(height, width, 3)`.
+        inputs: 4-D KerasTensor `(batch, height, width, 3)` the stem conv
+            reads (a `keras.Input`, or a layer's output on one).
         blocks_per_stage: Number of basic blocks in each of the four stages.
         alpha: Width multiplier on every conv.
         weights: Must be `None`.
         name: Model name.
 
     Returns:
-        A functional `keras.Model` ending after the last stage (no pooling).
+        A functional `keras.Model` from the `keras.Input` behind `inputs`,
+        ending after the last stage (no pooling).
 
     Example:
-    >>> basic_resnet((32, 32, 3), (1, 1, 1, 1), alpha=0.25)
+    >>> basic_resnet(keras.Input((32, 32, 3)), (1, 1, 1, 1), alpha=0.25)
     """
     if weights is not None:
         raise ValueError(
@@ -61,7 +65,6 @@ def basic_resnet(
         )
     if alpha <= 0:
         raise ValueError(f"`alpha` must be positive; got {alpha}.")
-    inputs = layers.Input(shape=input_shape)
     x = _conv_bn(inputs, _width(64, alpha), 7, 2, "conv1")
     x = layers.ReLU(name="conv1_relu")(x)
     x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1_pool")(
@@ -75,7 +78,8 @@ def basic_resnet(
             x = _basic_block(
                 x, _width(filters, alpha), stride, f"conv{stage}_block{block}"
             )
-    return keras.Model(inputs, x, name=name)
+    (source,) = keras.utils.get_source_inputs(inputs)
+    return keras.Model(source, x, name=name)
 
 
 def _basic_block(x, filters: int, stride: int, name: str):

@@ -12,35 +12,39 @@ class WeightsUnavailableError(RuntimeError):
 
 def application_trunk(
     constructor: Callable[..., keras.Model],
-    input_shape: tuple[int, int, int],
+    inputs,
     *,
     weights: str | None = None,
     **options,
 ) -> keras.Model:
     """Builds a `keras.applications` network without its classifier top.
 
-    A failed ImageNet download (no network, blocked proxy, corrupt cache) is
-    turned into a `WeightsUnavailableError` that says how to go on offline.
-    Argument errors from Keras (`ValueError`, e.g. an `alpha` that has no
-    ImageNet weights) pass through unchanged.
+    The network is built on `inputs` (Keras' `input_tensor=`), so a model
+    that starts with an input and a normalisation layer stays one flat
+    model. A failed ImageNet download (no network, blocked proxy, corrupt
+    cache) is turned into a `WeightsUnavailableError` that says how to go
+    on offline. Argument errors from Keras (`ValueError`, e.g. an `alpha`
+    that has no ImageNet weights) pass through unchanged.
 
     Args:
         constructor: A `keras.applications` function, e.g.
             `keras.applications.MobileNetV2`.
-        input_shape: `(height, width, 3)`.
+        inputs: 4-D KerasTensor `(batch, height, width, 3)` the first layer
+            reads (a `keras.Input`, or a layer's output on one).
         weights: `"imagenet"` or `None`.
         **options: Other constructor arguments (`alpha`, ...).
 
     Returns:
-        The trunk `keras.Model` (`include_top=False`, no pooling).
+        The trunk `keras.Model` (`include_top=False`, no pooling) from the
+        `keras.Input` behind `inputs`.
 
     Example:
-    >>> application_trunk(keras.applications.MobileNetV2, (96, 96, 3),
-    ...                    alpha=0.35)
+    >>> application_trunk(keras.applications.MobileNetV2,
+    ...                   keras.Input((96, 96, 3)), alpha=0.35)
     """
     try:
         return constructor(
-            input_shape=input_shape,
+            input_tensor=inputs,
             include_top=False,
             weights=weights,
             **options,
