@@ -1,5 +1,7 @@
 # The two entry points of README: `make main` and `make test`.
-# Both create .venv from requirements.txt on first use (Python 3.11).
+# Both create .venv on first use (Python 3.11): the pinned requirements,
+# then km_tf itself (editable, with its console programs km-train,
+# km-evaluate, km-tune, km-export).
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -9,10 +11,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 # The offline main job: pretrain a small base on digits 0-4, adapt a KM task

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
@@ -36,7 +35,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 import km_tf  # noqa: E402
 from km_tf import export  # noqa: E402
-from km_tf.litert import LiteRTModel  # noqa: E402
+from km_tf.export.litert import LiteRTModel  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,7 +60,7 @@ def digits(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mobilenet_v2(size: int, alpha: float) -> keras.Model:
-    """MobileNetV2 with 10 logits; BatchNorm momentum 0.9 (see PITFALLS)."""
+    """MobileNetV2 with 10 logits; BatchNorm momentum 0.9 (BUILD.md)."""
     model = keras.applications.MobileNetV2(
         (size, size, 3), alpha=alpha, weights=None, classes=10,
         classifier_activation=None)
@@ -96,7 +95,7 @@ def base_and_task(size: int, alpha: float, quick: bool, workdir: Path):
     # Tasks are trained on the saved base, as apps/train.py does (an
     # in-memory keras.applications model names its input layer differently
     # from the reloaded one, which the base fingerprint sees).
-    base = export.load_base(workdir / "base.keras")
+    base = km_tf.models.load_base(workdir / "base.keras")
     km_model = km_tf.modulate(base, hidden_units=16)
     logging.info("Training a KM task.")
     train(km_model, x_train, y_train, flags.FLAGS.task_epochs, 1e-3)

@@ -8,7 +8,7 @@ weight values), measured side by side on the same machine:
 
 1. training: step time and peak memory of a KM step (default settings) and a
    full fine-tuning step, same batch, same optimizer (Adam), same traced
-   train step (`km_tf.benchmark.Trainer`). Step times: both methods in one
+   train step (`transfer_suite.Trainer`). Step times: both methods in one
    process, stepped in turn (background load hits both alike). Peak memory:
    each method alone in a fresh process, at every `--memory_batch_sizes`:
    the peak bytes held by TensorFlow's allocator on the training device
@@ -34,18 +34,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
-from km_tf.memory import EXACT_CPU_COUNTS  # noqa: E402
+from memory import EXACT_CPU_COUNTS  # noqa: E402
 from results_io import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("mobilenet_v2", "resnet50")
-TRAINING = ("km", "full")  # Method names of km_tf.benchmark.METHODS.
+TRAINING = ("km", "full")  # Method names of transfer_suite.METHODS.
 MEMORY_STEPS = 3  # Measured steps per memory process, after a tracing step.
 MEMORY_MEASURES = {  # peak_memory's keys: what each counts, in how many steps.
     "tensor": ("live tensors' own bytes", 1),
@@ -84,15 +82,15 @@ def _trainer_and_batch(model: str, method: str, image_size: int,
     """A traced-on-first-call `Trainer` for `method` and one random batch."""
     import numpy as np
     import tensorflow as tf
-    from km_tf import benchmark
+    import transfer_suite
 
-    network = benchmark.METHODS[method].prepare(
+    network = transfer_suite.METHODS[method].prepare(
         _task_model(model, image_size), 1)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.standard_normal(
         (batch_size, image_size, image_size, 3), np.float32))
     labels = tf.constant(rng.integers(0, NUM_CLASSES, batch_size), tf.int32)
-    return benchmark.Trainer(network, NUM_CLASSES), (images, labels)
+    return transfer_suite.Trainer(network, NUM_CLASSES), (images, labels)
 
 
 def step_times(model: str, image_size: int, batch_size: int,
@@ -126,13 +124,13 @@ def peak_memory(model: str, method: str, image_size: int,
 
     Counts everything alive during training: weights, optimizer state,
     activations and gradients, after a tracing step. `"allocator"`: the
-    allocator's peak in each of `MEMORY_STEPS` steps (`km_tf.memory.
-    peak_bytes`); `"tensor"`: the peak of the live tensors' own bytes in one
-    more, profiled, step (`peak_tensor_bytes`, without the allocator's chunk
+    allocator's peak in each of `MEMORY_STEPS` steps (`memory.peak_bytes`);
+    `"tensor"`: the peak of the live tensors' own bytes in one more,
+    profiled, step (`peak_tensor_bytes`, without the allocator's chunk
     slack). Peaks differ from step to step (parallel op scheduling changes
     what is alive at once), hence several steps and processes.
     """
-    from km_tf.memory import peak_bytes, peak_tensor_bytes
+    from memory import peak_bytes, peak_tensor_bytes
 
     trainer, batch = _trainer_and_batch(model, method, image_size,
                                         batch_size)
@@ -152,7 +150,7 @@ def _in_child(function, *args, environment: dict[str, str] | None = None):
     """Runs `function(*args)` in a fresh process; returns its result.
 
     `environment` is added to the child's environment (a spawned child
-    copies the parent's at start), e.g. `km_tf.memory.EXACT_CPU_COUNTS`,
+    copies the parent's at start), e.g. `memory.EXACT_CPU_COUNTS`,
     which must be set before TensorFlow starts.
     """
     context = multiprocessing.get_context("spawn")
@@ -169,12 +167,13 @@ def _in_child(function, *args, environment: dict[str, str] | None = None):
 def export_latency_storage(model: str, image_size: int) -> dict:
     """Export seconds, LiteRT latency and bytes: base vs baked KM task."""
     import numpy as np
-    from km_tf import benchmark, export, save_task, task_report
-    from km_tf.litert import LiteRTModel
+    import transfer_suite
+    from km_tf import export, save_task, task_report
+    from km_tf.export.litert import LiteRTModel
 
     FLAGS = flags.FLAGS
     base = _task_model(model, image_size)
-    km_model = benchmark.METHODS["km"].prepare(base, 1)
+    km_model = transfer_suite.METHODS["km"].prepare(base, 1)
     report = task_report(km_model)
     full_bytes = 4 * base.count_params()
     with tempfile.TemporaryDirectory(prefix="km_perf_") as folder:
@@ -306,8 +305,9 @@ def markdown(results: dict) -> str:
               "Peak memory counts everything alive on the training device "
               "(weights, optimizer state, activations, gradients), in fresh "
               "processes per method and batch size: the live tensors' own "
-              "bytes (`km_tf.memory.peak_tensor_bytes`, from the allocator's "
-              "events in TensorFlow's profiler) and the allocator's peak "
+              "bytes (`bench/memory.py`'s `peak_tensor_bytes`, from the "
+              "allocator's events in TensorFlow's profiler) and the "
+              "allocator's peak "
               "(`peak_bytes`), which adds chunk slack of up to 128 MB per "
               "large tensor, varying from process to process. Full "
               "fine-tuning holds a gradient and two Adam slots per weight; "

@@ -10,10 +10,10 @@ entry. Step time: all variants live in one process, are warmed up, then
 stepped in alternation (`--steps` rounds) and the median is taken, so that
 background load hits them alike. Peak memory: each variant runs alone in a
 fresh subprocess (build, warm-up, the same steps) and reports the peak of
-TensorFlow's allocator over the steps (`km_tf.memory.peak_bytes`: weights,
+TensorFlow's allocator over the steps (`memory.peak_bytes`: weights,
 Adam slots, activations, gradients; GPU:0 or CPU:0), then the peak of the
 live tensors' own bytes in one more, profiled, step
-(`km_tf.memory.peak_tensor_bytes`: no allocator chunk slack).
+(`memory.peak_tensor_bytes`: no allocator chunk slack).
 
 Writes `{output_dir}/train_perf.json` and `.md`. A benchmark, not a test.
 """
@@ -25,10 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
@@ -37,9 +35,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from km_tf import layers, models, task_report, training  # noqa: E402
-from km_tf.memory import (EXACT_CPU_COUNTS, peak_bytes,  # noqa: E402
-                          peak_tensor_bytes, training_device)
 from km_tf.tasks import write_atomically  # noqa: E402
+from memory import (EXACT_CPU_COUNTS, peak_bytes,  # noqa: E402
+                    peak_tensor_bytes, training_device)
 
 flags.DEFINE_integer("image_size", 160, "Input height and width.")
 flags.DEFINE_integer("batch_size", 16, "Batch size of every step.")

@@ -1,7 +1,7 @@
 """Transfer benchmark: KM against head / BN / LoRA / full fine-tuning.
 
 One protocol, one base, the same budget for every method (see
-`km_tf/benchmark.py` for the method table and the protocol). Writes
+`bench/transfer_suite.py` for the method table and the protocol). Writes
 `<output>.json`, `<output>.png` and `--markdown` (RESULTS.md).
 
 Offline suite (runs here, ~15-25 min on 2 CPU cores; the pretrained base is
@@ -29,23 +29,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from km_tf import benchmark  # noqa: E402
 import transfer_report  # noqa: E402
+import transfer_suite  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-flags.DEFINE_enum("suite", "offline", list(benchmark.SUITES),
+flags.DEFINE_enum("suite", "offline", list(transfer_suite.SUITES),
                   "Benchmark configuration (base, tasks, budget).")
-flags.DEFINE_list("methods", None,
-                  f"Methods to run (default all): {list(benchmark.METHODS)}.")
+flags.DEFINE_list("methods", None, "Methods to run (default all): "
+                  f"{list(transfer_suite.METHODS)}.")
 flags.DEFINE_list("tasks", None, "Override the suite's task specs, e.g. "
                   "'digits:5-9'; shots/fractions come from the suite when the "
                   "spec is one of its tasks.")
@@ -66,10 +64,10 @@ flags.DEFINE_string("cache_dir", None,
                     "output's folder).")
 
 
-def configured_suite() -> benchmark.Suite:
+def configured_suite() -> transfer_suite.Suite:
     """The chosen suite with the flag overrides applied."""
     FLAGS = flags.FLAGS
-    suite = benchmark.SUITES[FLAGS.suite]
+    suite = transfer_suite.SUITES[FLAGS.suite]
     base = suite.base
     if FLAGS.image_size:
         base = dataclasses.replace(base, image_size=FLAGS.image_size)
@@ -78,9 +76,10 @@ def configured_suite() -> benchmark.Suite:
     changes = {"base": base}
     if FLAGS.tasks:
         known = {task.spec: task for task in
-                 (*suite.tasks, *benchmark.OFFLINE_TASKS)}
-        changes["tasks"] = tuple(known.get(spec, benchmark.TaskSpec(spec))
-                                 for spec in FLAGS.tasks)
+                 (*suite.tasks, *transfer_suite.OFFLINE_TASKS)}
+        changes["tasks"] = tuple(
+            known.get(spec, transfer_suite.TaskSpec(spec))
+            for spec in FLAGS.tasks)
     if FLAGS.steps:
         changes["steps"] = FLAGS.steps
     if FLAGS.seeds:
@@ -103,7 +102,7 @@ def main(argv):
     suite = configured_suite()
     cache_dir = flags.FLAGS.cache_dir or str(output.parent)
     load_before = os.getloadavg()[0]
-    results = benchmark.run_suite(suite, cache_dir)
+    results = transfer_suite.run_suite(suite, cache_dir)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     results.update(
         command=" ".join(["python", *sys.argv]),

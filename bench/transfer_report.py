@@ -239,7 +239,7 @@ def _edge_note(results: dict) -> list[str]:
 
 def how_to_run() -> list[str]:
     """Commands for every suite, with the online suites' time estimate."""
-    from km_tf import benchmark
+    import transfer_suite
 
     lines = [
         "## How to run",
@@ -255,8 +255,8 @@ def how_to_run() -> list[str]:
         "",
     ]
     for name, (low, high) in _GPU_STEP_SECONDS.items():
-        suite = benchmark.SUITES[f"online_{name}"]
-        runs = benchmark.run_count(suite)
+        suite = transfer_suite.SUITES[f"online_{name}"]
+        runs = transfer_suite.run_count(suite)
         steps = runs * suite.steps
         hours = [steps * t * 1.15 / 3600 for t in (low, high)]  # +15% eval
         lines += [

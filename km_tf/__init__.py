@@ -5,18 +5,28 @@ The core flow: `modulate(base)` -> `fit` -> `save_task(model, path)`; then
 the task file alone, and `bake(model)` -> TFLite.
 """
 
-from km_tf.convert import (UnsupportedLayerError, bake, modulate,
-                           modulation_options)
+from km_tf.convert import bake, modulate, modulation_options
+from km_tf.errors import (BudgetError, ExportError, KMError,
+                          MicroArenaTooSmallError, MicroRuntimeError,
+                          ModelFileError, TaskFileError, UnsupportedLayerError,
+                          WeightsUnavailableError)
 from km_tf.layers import (KernelModulatedConv2D, KernelModulatedDepthwiseConv2D,
                           KernelModulator)
 from km_tf.restore import restore_task
-from km_tf.tasks import (TaskFileError, TaskReport, base_fingerprint,
+from km_tf.tasks import (TaskReport, base_fingerprint,
                          load_task, read_task_header, read_task_options,
                          save_task, task_report)
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "BudgetError",
+    "ExportError",
+    "KMError",
+    "MicroArenaTooSmallError",
+    "MicroRuntimeError",
+    "ModelFileError",
+    "WeightsUnavailableError",
     "KernelModulatedConv2D",
     "KernelModulatedDepthwiseConv2D",
     "KernelModulator",

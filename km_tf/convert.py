@@ -15,6 +15,7 @@ from typing import Any
 
 import keras
 
+from km_tf.errors import UnsupportedLayerError
 from km_tf.layers import (DEFAULT_FILTER_UNITS, DEFAULT_FORM,
                           DEFAULT_HIDDEN_UNITS, KM_LAYERS,
                           KernelModulatedConv2D, KernelModulatedDepthwiseConv2D,
@@ -30,10 +31,6 @@ _MODULATED_TWIN = {
     keras.layers.DepthwiseConv2D: KernelModulatedDepthwiseConv2D,
 }
 _KM_CONFIG_KEYS = ("hidden_units", "form", "filter_units")
-
-
-class UnsupportedLayerError(ValueError):
-    """A layer that Kernel Modulation cannot rewrite."""
 
 
 def modulate(
@@ -114,7 +111,7 @@ def modulate(
                 target.bias.assign(source.bias)
         else:
             target.set_weights(source.get_weights())
-    _set_task_trainability(modulated, batchnorm=batchnorm, head=head)
+    set_task_trainability(modulated, batchnorm=batchnorm, head=head)
     return modulated
 
 
@@ -227,13 +224,20 @@ def _check_modulatable(model: keras.Model, skip: set[str],
         )
 
 
-def _set_task_trainability(model: keras.Model, *, batchnorm: str,
-                           head: set[str] | None) -> None:
-    """Makes exactly the per-task variables trainable.
+def set_task_trainability(model: keras.Model, *, batchnorm: str,
+                          head: set[str] | None) -> None:
+    """Makes exactly the per-task variables trainable (as `modulate` does).
 
     Layer flags are set one by one (never `model.trainable = True`, which
     would re-enable every variable); KM layers keep their base frozen
-    themselves.
+    themselves. Benchmarks use it for the non-KM methods too (head only,
+    BatchNorm + head).
+
+    Args:
+        model: A (KM or plain) model, changed in place.
+        batchnorm: `"train"` or `"freeze"` (see `modulate`).
+        head: Names of the head layers; `None`: every layer with weights
+            that is neither a convolution nor BatchNorm.
     """
     for _, layer in walk_layers(model):
         if isinstance(layer, KM_LAYERS):

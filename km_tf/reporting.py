@@ -7,7 +7,8 @@ import json
 import os
 from typing import Any
 
-from km_tf.tasks import TaskReport, write_atomically
+from km_tf.files import write_atomically
+from km_tf.tasks import TaskReport
 
 
 @dataclasses.dataclass

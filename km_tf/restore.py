@@ -24,7 +24,7 @@ from km_tf.convert import clone_layers, modulate
 from km_tf.task_header import TaskFileError, TaskHeader
 from km_tf.tasks import (PathLike, first_layout_difference, layer_layout,
                          load_task, read_task_header)
-from km_tf.walk import (ROLE_FROZEN, ROLE_HEAD, is_convolution, walk_layers,
+from km_tf.walk import (ROLE_FROZEN, is_convolution, walk_layers,
                         weighted_layers)
 
 # Config keys that do not change what a head layer computes.

@@ -31,16 +31,14 @@ import json
 import re
 from typing import Any
 
+from km_tf.errors import TaskFileError
+
 FORMAT_NAME = "km-tf-task"
 FORMAT_VERSION = 2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # modulate() options every file records, with their JSON types.
 _STRUCTURAL_OPTIONS = {"hidden_units": int, "form": str, "filter_units": int,
                        "batchnorm": str}
-
-
-class TaskFileError(ValueError):
-    """A task file that cannot be loaded into this model."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from typing import Any
@@ -40,6 +39,7 @@ import keras
 import numpy as np
 
 from km_tf.convert import modulation_options
+from km_tf.files import write_atomically
 from km_tf.task_header import (FORMAT_NAME, FORMAT_VERSION, TaskFileError,
                                TaskHeader, parse_header)
 from km_tf.walk import (ROLE_BATCHNORM, ROLE_FROZEN, ROLE_HEAD,
@@ -355,35 +355,6 @@ def task_report(model: keras.Model) -> TaskReport:
         base_params=total - counts[ROLE_MODULATED] - counts[ROLE_HEAD],
         task_bytes=task_bytes,
     )
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Writes `data` to `path` via a fsynced temporary file and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(
-            f"Cannot write {path!r}: folder {folder!r} does not exist. "
-            "Create it first.")
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-",
-                                         suffix=os.path.basename(path))
-    try:
-        # mkstemp creates 0600; give the file what open() would give.
-        os.fchmod(handle, 0o666 & ~_current_umask())
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 class _open_task:

@@ -64,6 +64,7 @@ import tensorflow as tf
 
 from km_tf.convert import BATCHNORM_MODES
 from km_tf.data import ImageDatasets
+from km_tf.errors import BudgetError
 from km_tf.layers import DEFAULT_FORM
 from km_tf.models import build_task_model
 from km_tf.reporting import StageReport
@@ -110,10 +111,6 @@ OBJECTIVE = "val_accuracy"
 # The structural choices that decide a task's size.
 STRUCTURE_KEYS = ("hidden_units", "filter_units", "batchnorm")
 Structure = tuple[int, int, str]  # (hidden_units, filter_units, batchnorm)
-
-
-class BudgetError(ValueError):
-    """No configuration of the search space fits the per-task budget."""
 
 
 @dataclasses.dataclass(frozen=True)

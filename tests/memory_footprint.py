@@ -1,16 +1,14 @@
-"""Training footprints measured by km_tf.memory, printed as JSON.
+"""Training footprints measured by bench/memory.py, printed as JSON.
 
 Run by tests/test_memory.py in a fresh process started with
-`km_tf.memory.EXACT_CPU_COUNTS`, as every exact CPU measurement must be.
+`memory.EXACT_CPU_COUNTS`, as every exact CPU measurement must be, and with
+bench/ on `PYTHONPATH` (for `import memory`).
 """
 
 import gc
 import json
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
@@ -18,8 +16,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import km_tf  # noqa: E402
-from km_tf.memory import (peak_bytes, peak_tensor_bytes,  # noqa: E402
-                          training_device)
+from memory import (peak_bytes, peak_tensor_bytes,  # noqa: E402
+                    training_device)
 
 # One thread: parallel op scheduling moves the peaks by as much as the
 # margins the tests check (seen: 1.36-1.79 MB for one KM model); serial

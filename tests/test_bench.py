@@ -1,26 +1,22 @@
 """Tests of the transfer benchmark: method table, byte counts, smoke run."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import keras
 from absl import flags
 
-from km_tf import benchmark
-
-ROOT = Path(__file__).resolve().parents[1]
+import km_tf
+import transfer_suite as suite  # bench/ is on pytest's pythonpath.
 
 
 def _task_model(num_classes: int = 5) -> keras.Model:
     keras.utils.set_random_seed(0)
-    return benchmark.tiny_convnet(num_classes, 16)
+    return suite.tiny_convnet(num_classes, 16)
 
 
 def test_every_method_trains_only_its_per_task_variables():
-    for name in benchmark.method_names():
-        model = benchmark.METHODS[name].prepare(_task_model(), 2)
+    for name in suite.method_names():
+        model = suite.METHODS[name].prepare(_task_model(), 2)
         trainable = {v.path for v in model.trainable_variables}
         assert trainable, name
         assert any("head" in path for path in trainable), name
@@ -30,7 +26,7 @@ def test_every_method_trains_only_its_per_task_variables():
 
 
 def test_lora_freezes_kernels_and_leaves_depthwise_alone():
-    model = benchmark.METHODS["lora"].prepare(_task_model(), 3)
+    model = suite.METHODS["lora"].prepare(_task_model(), 3)
     trainable = {v.path for v in model.trainable_variables}
     assert any("lora_kernel_a" in path for path in trainable)
     assert not any(path.startswith("dw/") for path in trainable)
@@ -39,37 +35,38 @@ def test_lora_freezes_kernels_and_leaves_depthwise_alone():
 
 def test_per_task_bytes_counts_the_right_tensors():
     model = _task_model()
-    full = benchmark.per_task_bytes(benchmark.METHODS["full"].prepare(
+    full = suite.per_task_bytes(suite.METHODS["full"].prepare(
         _task_model(), 1))
     assert full == 4 * model.count_params()
-    head = benchmark.per_task_bytes(benchmark.METHODS["head"].prepare(
+    head = suite.per_task_bytes(suite.METHODS["head"].prepare(
         _task_model(), 1), num_classes=2)
     assert head == 4 * (16 + 1) * 2
-    km = benchmark.METHODS["km"].prepare(_task_model(), 1)
-    benchmark.check_km_bytes(km, 5)
+    km = suite.METHODS["km"].prepare(_task_model(), 1)
+    assert suite.per_task_bytes(km, 5) == km_tf.task_report(km).task_bytes
 
 
 def test_lora_rank_matches_target_bytes():
     model = _task_model()
-    target = benchmark.per_task_bytes(
-        benchmark.METHODS["lora"].prepare(_task_model(), 4))
-    assert benchmark.matching_lora_rank(model, target) == 4
+    target = suite.per_task_bytes(
+        suite.METHODS["lora"].prepare(_task_model(), 4))
+    assert suite.matching_lora_rank(model, target) == 4
 
 
 def test_km_variants_equal_to_the_default_are_dropped():
-    names = benchmark.method_names()
-    options = [{**benchmark.km_defaults(),
-                **(benchmark.METHODS[n].km_options or {})}
-               for n in names if benchmark.METHODS[n].group == "km"]
+    names = suite.method_names()
+    options = [{**suite.km_defaults(),
+                **(suite.METHODS[n].km_options or {})}
+               for n in names if suite.METHODS[n].group == "km"]
     assert len(options) == len({json.dumps(o, sort_keys=True)
                                 for o in options})
     assert {"head", "bn_head", "lora", "km", "full"} <= set(names)
 
 
 def test_smoke_suite_writes_json_png_and_results(tmp_path):
+    import transfer  # bench/transfer.py; importing defines its absl flags.
+
     output = tmp_path / "transfer"
     markdown = tmp_path / "RESULTS.md"
-    transfer = _transfer_program()
     flags.FLAGS(["transfer.py", "--suite=smoke", f"--output={output}",
                  f"--markdown={markdown}", "--steps=2"])
     try:
@@ -77,7 +74,7 @@ def test_smoke_suite_writes_json_png_and_results(tmp_path):
     finally:
         flags.FLAGS.unparse_flags()
     results = json.loads(output.with_suffix(".json").read_text())
-    assert set(results["methods"]) == set(benchmark.method_names())
+    assert set(results["methods"]) == set(suite.method_names())
     assert set(results["summary"]) == set(results["methods"])
     assert output.with_suffix(".png").stat().st_size > 10_000
     text = markdown.read_text()
@@ -86,12 +83,3 @@ def test_smoke_suite_writes_json_png_and_results(tmp_path):
     assert "transfer.png" in text
     # The pretrained base is cached next to the results for reruns.
     assert list(tmp_path.glob("base_tiny_convnet_*.keras"))
-
-
-def _transfer_program():
-    """Imports bench/transfer.py (an absl program) as a module, in-process."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        return importlib.import_module("transfer")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))

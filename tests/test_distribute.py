@@ -199,6 +199,5 @@ def _worker(output_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     mode, directory = sys.argv[1], Path(sys.argv[2])
     {"mirrored": _mirrored, "worker": _worker}[mode](directory)

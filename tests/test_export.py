@@ -19,11 +19,13 @@ import pytest
 from sklearn.datasets import load_digits
 
 import km_tf
-from km_tf import export, export_data, micro, models
-from km_tf.edgetpu import check_edgetpu
-from km_tf.export_graph import read_graph
-from km_tf.export_presets import PRESETS, get_preset
-from km_tf.litert import LiteRTModel
+from km_tf import export, models
+from km_tf.export import data as export_data
+from km_tf.export import micro
+from km_tf.export.edgetpu import check_edgetpu
+from km_tf.export.graph import read_graph
+from km_tf.export.presets import PRESETS, get_preset
+from km_tf.export.litert import LiteRTModel
 from support import small_convnet
 
 INTEGER_PRESETS = ("int8", "micro", "edgetpu")
@@ -377,7 +379,7 @@ def test_wrong_base_is_a_clear_error(setup):
 def test_base_that_is_not_a_keras_file_is_a_clear_error(setup, tmp_path):
     bad = tmp_path / "base.keras"
     bad.write_bytes(b"not a model")
-    with pytest.raises(export.ExportError, match="Cannot load base model"):
+    with pytest.raises(km_tf.ModelFileError, match="Cannot load base model"):
         export.load_baked_task(bad, setup["tasks"][0])
 
 

@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from km_tf import layers as km_layers
 from km_tf.layers import (KernelModulatedConv2D, KernelModulatedDepthwiseConv2D,
-                          KernelModulator, modulate_kernel)
+                          KernelModulator)
+from km_tf._gradients import modulate_kernel
 
 CONV_CASES = {
     "strided_3x3": dict(filters=6, kernel_size=3, strides=2, padding="same"),

@@ -1,4 +1,4 @@
-"""km_tf.memory, and what it shows: a KM step holds less than full FT."""
+"""bench/memory.py, and what it shows: a KM step holds less than full FT."""
 
 import json
 import os
@@ -8,17 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from km_tf import memory
+import memory  # bench/memory.py; bench/ is on pytest's pythonpath.
 
 FOOTPRINT_SCRIPT = Path(__file__).with_name("memory_footprint.py")
+BENCH = Path(memory.__file__).parent
 
 
 @pytest.fixture(scope="module")
 def footprints() -> dict:
+    # The script imports `memory` from bench/, as the bench scripts do.
+    pythonpath = [str(BENCH), *filter(None, [os.environ.get("PYTHONPATH")])]
     result = subprocess.run(
         [sys.executable, str(FOOTPRINT_SCRIPT)],
         env={**os.environ, **memory.EXACT_CPU_COUNTS,
-             "CUDA_VISIBLE_DEVICES": ""},
+             "CUDA_VISIBLE_DEVICES": "",
+             "PYTHONPATH": os.pathsep.join(pythonpath)},
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -119,7 +119,7 @@ def test_imagenet_download_failure_says_to_pass_a_local_path(monkeypatch):
         raise Exception("URL fetch failure: no network")
 
     monkeypatch.setattr(keras.src.utils.file_utils, "get_file", offline)
-    with pytest.raises(models.WeightsUnavailableError) as error:
+    with pytest.raises(km_tf.WeightsUnavailableError) as error:
         models.build_model("mobilenet_v2", 3, image_size=96, alpha=0.35,
                            weights="imagenet")
     message = str(error.value)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import km_tf
-from km_tf import data, training, tuning
+from km_tf import data, tuning
 from support import small_convnet
 
 IMAGE_SIZE = 32

@@ -30,6 +30,6 @@ from km_tf.models.registry import build_base
 from km_tf.models.registry import build_model
 from km_tf.models.registry import get_spec
 from km_tf.models.registry import normalization_for
-from km_tf.models.weights import WeightsUnavailableError
+from km_tf.models.weights import load_base
 from km_tf.models.weights import load_weights
 from km_tf.models.weights import set_batchnorm_momentum

@@ -5,9 +5,8 @@ from typing import Callable
 
 import keras
 
-
-class WeightsUnavailableError(RuntimeError):
-    """Raised when pretrained weights cannot be fetched (e.g. offline)."""
+from km_tf.errors import ModelFileError, WeightsUnavailableError
+from km_tf.files import existing_file
 
 
 def application_trunk(
@@ -62,6 +61,28 @@ def application_trunk(
             "from random weights; or copy Keras' cached weights file "
             "(`~/.keras/models/`) from a machine with network access."
         ) from error
+
+
+def load_base(path: str | os.PathLike) -> keras.Model:
+    """Loads a base network saved with `model.save("base.keras")`.
+
+    The one loader of base files for every program (training, evaluation,
+    tuning, export); call it inside a `tf.distribute` scope to place the
+    variables there.
+
+    Raises:
+        FileNotFoundError: No file at `path`.
+        ModelFileError: The file is not a loadable Keras model.
+    """
+    path = existing_file(
+        path, "Base model", "Pass the .keras file the tasks were trained on "
+        "(written by apps/train.py --mode=pretrain, or by model.save()).")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for bad files.
+        raise ModelFileError(
+            f"Cannot load base model {path!r} as a Keras model ({error}). "
+            "Pass a .keras file written by model.save().") from error
 
 
 def load_weights(model: keras.Model, path: str) -> None:

@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from km_tf import data
-from km_tf.export import ExportError
+from km_tf.errors import ExportError
+from km_tf.files import existing_file
 
 # Images per batch while reading a spec's splits into memory.
 _READ_BATCH = 256
@@ -98,12 +99,10 @@ def from_npz(path: str | os.PathLike) -> ExportData:
         FileNotFoundError: No file at `path`.
         ExportError: Not an npz file, or no `x_train` array.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Calibration dataset {path!r} does not exist. Pass an .npz with "
-            "x_train (and x_test/y_test for parity), or --calibration_data= "
-            "the task's dataset spec.")
+    path = existing_file(
+        path, "Calibration dataset", "Pass an .npz with x_train (and "
+        "x_test/y_test for parity), or --calibration_data= the task's "
+        "dataset spec.")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}

@@ -1,4 +1,8 @@
-"""Transfer benchmark: one protocol, one base, several per-task methods.
+"""The transfer benchmark: one protocol, one base, several per-task methods.
+
+Run by `bench/transfer.py` (flags, results, report); the library parts it
+uses (models, `modulate`, task variables, the cosine schedule) come from
+`km_tf`, and what is the benchmark's own lives here.
 
 Every method adapts the same pretrained base to each target task under the
 same budget (optimizer, steps, batch size, learning-rate sweep, seeds); only
@@ -46,9 +50,10 @@ from absl import logging
 
 from km_tf import data as km_data
 from km_tf import models
-from km_tf.convert import modulate
-from km_tf.tasks import task_report
-from km_tf.walk import BATCHNORM_TYPES, walk_layers
+from km_tf.convert import set_task_trainability, modulate
+from km_tf.tasks import task_variables
+from km_tf.training import OptimizerOptions, learning_rate_schedule
+from km_tf.walk import ROLE_FROZEN, ROLE_HEAD, layer_role, walk_layers
 
 HEAD = models.HEAD_NAME
 _MASKED_LOGIT = -1e9
@@ -70,7 +75,7 @@ class BaseSpec:
         pretrain: Dataset spec of the source task (when `weights` is None).
         pretrain_steps: Training steps of the source task.
         pretrain_lr: Peak Adam learning rate of the source task.
-        bn_momentum: BatchNorm momentum of the base (see PITFALLS).
+        bn_momentum: BatchNorm momentum of the base (BUILD.md).
     """
 
     model: str = "mobilenet_v2"
@@ -233,9 +238,7 @@ def pretrained_base(spec: BaseSpec, cache_dir: str | os.PathLike,
         logging.info("Pretraining %s on %s for %d steps.", spec.model,
                      spec.pretrain, spec.pretrain_steps)
         keras.utils.set_random_seed(0)
-        base = build_base_model(spec, source.num_classes)
-        for layer in base.layers:
-            layer.trainable = True
+        base = _full(build_base_model(spec, source.num_classes), 0)
         start = time.perf_counter()
         trainer = Trainer(base, source.num_classes)
         trainer.train(source.train, source.num_classes, spec.pretrain_steps,
@@ -277,29 +280,27 @@ class Method:
     km_options: dict[str, Any] | None = None
 
 
-def _set_trainable(model: keras.Model, *, batchnorm: bool, head: bool,
-                   other: bool) -> keras.Model:
-    """Sets layer flags one by one (never `model.trainable`; see PITFALLS)."""
-    for _, layer in walk_layers(model):
-        if isinstance(layer, BATCHNORM_TYPES):
-            layer.trainable = batchnorm
-        elif layer.name == HEAD:
-            layer.trainable = head
-        else:
-            layer.trainable = other
+def _head_only(model: keras.Model, rank: int) -> keras.Model:
+    """The head trains; BatchNorm runs in inference mode; the rest is frozen.
+
+    The same layer flags `modulate(batchnorm="freeze", head=[HEAD])` sets
+    (one rule, `km_tf.convert`), on the plain model.
+    """
+    set_task_trainability(model, batchnorm="freeze", head={HEAD})
     return model
 
 
-def _head_only(model: keras.Model, rank: int) -> keras.Model:
-    return _set_trainable(model, batchnorm=False, head=True, other=False)
-
-
 def _batchnorm_head(model: keras.Model, rank: int) -> keras.Model:
-    return _set_trainable(model, batchnorm=True, head=True, other=False)
+    """BatchNorm and the head train, as `modulate(batchnorm="train")`."""
+    set_task_trainability(model, batchnorm="train", head={HEAD})
+    return model
 
 
 def _full(model: keras.Model, rank: int) -> keras.Model:
-    return _set_trainable(model, batchnorm=True, head=True, other=True)
+    """Every layer trains (flags set one by one; BUILD.md)."""
+    for _, layer in walk_layers(model):
+        layer.trainable = True
+    return model
 
 
 def lora_layers(model: keras.Model) -> list[keras.layers.Conv2D]:
@@ -314,7 +315,7 @@ def _lora(model: keras.Model, rank: int) -> keras.Model:
     Layer flags first, then `enable_lora` (which freezes `_kernel`), then
     the conv biases: setting `trainable` after would unfreeze them.
     """
-    _set_trainable(model, batchnorm=True, head=True, other=False)
+    _batchnorm_head(model, rank)
     for layer in lora_layers(model):
         layer.trainable = True
         layer.enable_lora(rank)
@@ -396,33 +397,26 @@ def method_names(requested: Sequence[str] | None = None) -> list[str]:
 def per_task_bytes(model: keras.Model, num_classes: int | None = None) -> int:
     """Bytes (float32) a task must store besides the shared base.
 
-    Counts every trainable variable and, for BatchNorm layers that train,
-    their moving statistics (they change per task too). For full
-    fine-tuning that is the whole network. `num_classes` counts only that
-    many columns of the head (see the module docstring on shared heads).
+    The task's variables as `km_tf.tasks.task_variables` lists them
+    (modulators, BatchNorm layers that train with their moving statistics,
+    head), which for a KM model is `km_tf.task_report(model).task_bytes`,
+    plus what trains in layers the library counts as base: the LoRA factors,
+    or every convolution under full fine-tuning. `num_classes` counts only
+    that many columns of the head (see the module docstring on shared
+    heads).
     """
+    stored = [(item.variable, item.role == ROLE_HEAD)
+              for item in task_variables(model)]
+    stored += [(variable, False) for _, layer in walk_layers(model)
+               if layer_role(layer) == ROLE_FROZEN
+               for variable in layer.trainable_weights]
     total = 0
-    for _, layer in walk_layers(model):
-        if isinstance(layer, BATCHNORM_TYPES) and layer.trainable:
-            variables = layer.weights
-        else:
-            variables = [v for v in layer.trainable_weights
-                         if v.trainable]
-        for variable in variables:
-            shape = list(variable.shape)
-            if layer.name == HEAD and num_classes is not None:
-                shape[-1] = num_classes
-            total += 4 * math.prod(shape)
+    for variable, in_head in stored:
+        shape = list(variable.shape)
+        if in_head and num_classes is not None:
+            shape[-1] = num_classes
+        total += 4 * math.prod(shape)
     return total
-
-
-def check_km_bytes(model: keras.Model, head_classes: int) -> None:
-    """Cross-checks `per_task_bytes` against `km_tf.task_report`."""
-    expected = task_report(model).task_bytes
-    found = per_task_bytes(model, head_classes)
-    if found != expected:
-        raise AssertionError(
-            f"per_task_bytes {found} != task_report {expected} for a KM model")
 
 
 def lora_params(model: keras.Model, rank: int) -> int:
@@ -433,26 +427,17 @@ def lora_params(model: keras.Model, rank: int) -> int:
 
 def matching_lora_rank(task_model: keras.Model, target_bytes: int) -> int:
     """The LoRA rank whose per-task bytes come closest to `target_bytes`."""
-    fixed = per_task_bytes(_batchnorm_head(_clone(task_model), 0))
+    outputs = task_model.outputs[0].shape[-1]
+    fixed = per_task_bytes(_batchnorm_head(
+        models.replace_head(task_model, outputs), 0))
     per_rank = 4 * lora_params(task_model, 1)
     if per_rank == 0:
         return 1
     return max(1, round((target_bytes - fixed) / per_rank))
 
 
-def _clone(model: keras.Model) -> keras.Model:
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
 # ----------------------------------------------------------------------------
 # Training.
-
-
-def cosine_rate(peak: float, step: int, steps: int) -> float:
-    """Cosine decay from `peak` to 0 over `steps`."""
-    return 0.5 * peak * (1.0 + math.cos(math.pi * min(step / steps, 1.0)))
 
 
 class Trainer:
@@ -478,18 +463,29 @@ class Trainer:
         labels = tf.TensorSpec([None], tf.int32)
         self._train_step = tf.function(self._step,
                                        input_signature=[images, labels])
-        self._logits = tf.function(
-            lambda x: model(x, training=False) + self.mask,
-            input_signature=[images])
+        self._scores = tf.function(self._batch_scores,
+                                   input_signature=[images, labels])
+
+    def _masked(self, images, labels, training: bool):
+        """Masked logits and per-example cross-entropy of one batch."""
+        logits = self.model(images, training=training) + self.mask
+        return logits, tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels, logits)
 
     def _step(self, images, labels):
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            logits = self.model(images, training=True) + self.mask
-            loss = tf.reduce_mean(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+            _, losses = self._masked(images, labels, training=True)
+            loss = tf.reduce_mean(losses)
         self.optimizer.apply(tape.gradient(loss, variables), variables)
         return loss
+
+    def _batch_scores(self, images, labels):
+        """(correct predictions, summed cross-entropy) of one batch."""
+        logits, losses = self._masked(images, labels, training=False)
+        predictions = tf.argmax(logits, -1, output_type=tf.int32)
+        correct = tf.reduce_sum(tf.cast(predictions == labels, tf.int32))
+        return correct, tf.reduce_sum(losses)
 
     def step(self, images, labels) -> float:
         """One training step at the current learning rate; returns the loss."""
@@ -510,12 +506,19 @@ class Trainer:
 
     def train(self, dataset: tf.data.Dataset, num_classes: int, steps: int,
               peak_rate: float) -> float:
-        """Trains `steps` Adam steps with cosine decay; returns the last loss."""
+        """Trains `steps` Adam steps with cosine decay; returns the last loss.
+
+        The rate follows `km_tf.training`'s cosine schedule (Keras'
+        `CosineDecay` to 0 over `steps`), assigned step by step so that the
+        one traced step serves every peak rate.
+        """
         self.set_classes(num_classes)
+        schedule = learning_rate_schedule(
+            OptimizerOptions(learning_rate=peak_rate), steps)
         loss = float("nan")
         batches = iter(dataset.repeat())
         for step in range(steps):
-            self.optimizer.learning_rate = cosine_rate(peak_rate, step, steps)
+            self.optimizer.learning_rate = float(schedule(step))
             loss = self.step(*next(batches))
         return loss
 
@@ -526,15 +529,11 @@ class Trainer:
         correct = total = 0
         loss_sum = 0.0
         for images, labels in dataset:
-            logits = self._logits(images).numpy()
-            labels = labels.numpy()
-            correct += int(np.sum(np.argmax(logits, -1) == labels))
+            batch_correct, batch_loss = self._scores(
+                images, tf.cast(labels, tf.int32))
+            correct += int(batch_correct)
+            loss_sum += float(batch_loss)
             total += len(labels)
-            shifted = logits - logits.max(-1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(-1,
-                                                             keepdims=True))
-            loss_sum += float(-log_probs[np.arange(len(labels)),
-                                         labels].sum())
         return correct / max(total, 1), loss_sum / max(total, 1)
 
 
@@ -591,7 +590,6 @@ def run_suite(suite: Suite, output_dir: str | os.PathLike,
     outputs = max(classes.values())
 
     km_model = modulate(_task_model(base, outputs, 0))
-    check_km_bytes(km_model, outputs)
     rank = matching_lora_rank(_task_model(base, outputs, 0),
                               per_task_bytes(km_model, outputs))
     del km_model

@@ -20,7 +20,7 @@ import dataclasses
 import shlex
 from typing import Any
 
-from km_tf.export_graph import Graph, OpInfo
+from km_tf.export.graph import Graph, OpInfo
 
 # Ops the Edge TPU compiler can map, with their documented limitations
 # (Coral "Supported operations" table). Limitations are reported, not
@@ -122,7 +122,7 @@ def check_edgetpu(graph: Graph) -> EdgeTpuReport:
     """Checks a TFLite graph against the Edge TPU's documented requirements.
 
     Args:
-        graph: From `km_tf.export_graph.read_graph`.
+        graph: From `km_tf.export.graph.read_graph`.
 
     Returns:
         An `EdgeTpuReport`; ops from the first incompatible one on are

@@ -12,7 +12,7 @@ import time
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from km_tf.export_graph import dequantize, quantize, read_graph
+from km_tf.export.graph import dequantize, quantize, read_graph
 
 
 class LiteRTModel:

@@ -1,22 +1,16 @@
-"""Deploying KM tasks: base + task file -> baked Keras model -> `.tflite`.
+"""The export pipeline: a baked model -> `.tflite` + checks + reports.
 
-    base.keras + task file ──modulate/load_task/bake──> plain Keras model
-        ──convert(preset)──> .tflite ──export_model──> .tflite + report
-                                                   (+ C array for micro,
-                                                    + Edge TPU check)
-
-Presets live in `km_tf.export_presets`; graph inspection in
-`km_tf.export_graph`; LiteRT runs in `km_tf.litert`; TFLite Micro in
-`km_tf.micro`; the Edge TPU check in `km_tf.edgetpu`. This module wires them
-and writes every file atomically (temporary file + rename).
+`load_baked_task` (base + task file -> plain Keras model), `convert` (one
+preset, `km_tf.export.presets`), `parity` (float vs `.tflite`) and
+`export_model`, which wires them with the TFLite Micro run
+(`km_tf.export.micro`) and the Edge TPU check (`km_tf.export.edgetpu`) and
+writes every file atomically (temporary file + rename). Calibration and
+held-out data come from a dataset spec or an `.npz` (`km_tf.export.data`).
 
 Example:
 >>> baked = load_baked_task("base.keras", "birds.kmtask")
 >>> result = export_model(baked, "int8", "out/", name="birds",
 ...                       calibration_data=x_train, heldout=(x_test, y_test))
-
-Calibration and held-out data come from a dataset spec or an `.npz`
-(`km_tf.export_data`).
 >>> print(result.report_text)
 """
 
@@ -36,18 +30,19 @@ import tensorflow as tf
 from absl import logging
 
 from km_tf.convert import bake
-from km_tf.edgetpu import check_edgetpu, compiler_command
-from km_tf.export_graph import Graph, read_graph
-from km_tf.export_presets import (DEFAULT_CALIBRATION_SAMPLES, QUANT_DYNAMIC,
+from km_tf.errors import ExportError
+from km_tf.export.edgetpu import check_edgetpu, compiler_command
+from km_tf.export.graph import Graph, read_graph
+from km_tf.export.presets import (DEFAULT_CALIBRATION_SAMPLES, QUANT_DYNAMIC,
                                   QUANT_FLOAT16, QUANT_INT8, Preset,
                                   get_preset)
 from km_tf.layers import KM_LAYERS
-from km_tf.litert import LiteRTModel
-from km_tf.micro import (DEFAULT_BOARDS, arena_budget, board_fit,
+from km_tf.export.litert import LiteRTModel
+from km_tf.export.micro import (DEFAULT_BOARDS, arena_budget, board_fit,
                          c_array_sources, run_micro)
-from km_tf.models import input_normalization
+from km_tf.models import input_normalization, load_base
 from km_tf.restore import restore_task
-from km_tf.tasks import write_atomically
+from km_tf.files import existing_file, write_atomically
 from km_tf.walk import walk_layers
 
 # Held-out samples used for parity when the caller does not say.
@@ -56,10 +51,6 @@ DEFAULT_PARITY_SAMPLES = 500
 MICRO_CHECK_SAMPLES = 32
 
 _TF_IO_TYPES = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}
-
-
-class ExportError(ValueError):
-    """Bad input to an export: the message names the problem and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,31 +77,6 @@ class ExportResult:
         return format_report(self.report)
 
 
-def _existing_file(path: str | os.PathLike, what: str, fix: str) -> str:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist. {fix}")
-    return path
-
-
-def load_base(path: str | os.PathLike) -> keras.Model:
-    """Loads a plain base network saved with `model.save("base.keras")`.
-
-    Raises:
-        FileNotFoundError: No file at `path`.
-        ExportError: The file is not a loadable Keras model.
-    """
-    path = _existing_file(path, "Base model", "Pass the .keras file the "
-                          "tasks were trained on (the base saved before "
-                          "modulate()).")
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for bad files.
-        raise ExportError(
-            f"Cannot load base model {path!r} as a Keras model ({error}). "
-            "Pass a .keras file written by model.save().") from error
-
-
 def load_baked_task(base: keras.Model | str | os.PathLike,
                     task_path: str | os.PathLike) -> keras.Model:
     """Base + task file -> the task's plain (baked) Keras model.
@@ -130,7 +96,7 @@ def load_baked_task(base: keras.Model | str | os.PathLike,
         km_tf.TaskFileError: The task file is corrupt or made for another
             base.
     """
-    task_path = _existing_file(task_path, "Task file", "Pass a file written "
+    task_path = existing_file(task_path, "Task file", "Pass a file written "
                                "by km_tf.save_task (e.g. by apps/train.py).")
     if not isinstance(base, keras.Model):
         base = load_base(base)
@@ -206,7 +172,7 @@ def convert(model: keras.Model, preset: Preset | str,
     Args:
         model: A plain Keras model (e.g. from `km_tf.bake`), one input and one
             output.
-        preset: A `Preset` or a preset name (see `km_tf.export_presets`).
+        preset: A `Preset` or a preset name (see `km_tf.export.presets`).
         calibration_data: Float model inputs from the task's training data;
             required by the int8 presets.
         calibration_samples: How many of them calibrate the quantization.
@@ -348,7 +314,7 @@ def export_model(model: keras.Model, preset: Preset | str,
             None); None skips parity. `micro` also runs some of `x` in
             TFLite Micro (calibration data when None).
         parity_samples: At most this many held-out samples are compared.
-        boards: Board names (`km_tf.micro.BOARDS`) to check `micro` against.
+        boards: Board names (`km_tf.export.micro.BOARDS`) to check `micro` against.
         c_symbol: C name of the model array (`micro`).
         source: Provenance recorded in the report (e.g. base/task paths).
 
@@ -357,7 +323,7 @@ def export_model(model: keras.Model, preset: Preset | str,
 
     Raises:
         ExportError: Bad input (see `convert`).
-        km_tf.micro.MicroRuntimeError: A micro model with ops TFLite Micro
+        km_tf.export.micro.MicroRuntimeError: A micro model with ops TFLite Micro
             lacks, or TFLite Micro failed on it.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset

@@ -26,7 +26,6 @@ QUANT_FLOAT16 = "float16"
 QUANT_DYNAMIC = "dynamic"
 QUANT_INT8 = "int8"
 
-IO_TYPES = ("float32", "int8", "uint8")
 INTEGER_IO_TYPES = ("int8", "uint8")
 
 # Calibration samples drawn from the task's training data for int8 presets.

@@ -1,5 +1,8 @@
 """Peak memory of TensorFlow work, read from TensorFlow's own allocator.
 
+Used by the benchmarks (`bench/perf.py`, `bench/train_perf.py`) and
+`tests/test_memory.py`; scripts in `bench/` import it as `memory`.
+
 Process-level measures (resident set size) mix in the Python heap, tracing,
 libraries and allocator caching, and cannot separate two training methods
 whose difference is a few weights' worth of bytes. TensorFlow's allocator
@@ -106,7 +109,7 @@ def peak_tensor_bytes(run: Callable[[], Any], device: str | None = None
     if not events:
         raise RuntimeError(
             f"TensorFlow's profiler recorded no allocation on {device}; "
-            "measure with km_tf.memory.peak_bytes instead.")
+            "measure with memory.peak_bytes (bench/memory.py) instead.")
     live: dict[int, int] = {}
     current = peak = 0
     for _, address, requested in events:
@@ -125,8 +128,8 @@ def _checked(device: str | None) -> str:
         raise RuntimeError(
             "CPU memory counts would miss every tensor under 256 KiB: start "
             "the measuring process with TF_CPU_ALLOCATOR_USE_BFC=true in its "
-            "environment (km_tf.memory.EXACT_CPU_COUNTS); it must be set "
-            "before TensorFlow starts.")
+            "environment (EXACT_CPU_COUNTS of bench/memory.py); it must be "
+            "set before TensorFlow starts.")
     return device
 
 
