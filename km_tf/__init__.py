@@ -6,9 +6,10 @@ the task file alone, and `bake(model)` -> TFLite.
 """
 
 from km_tf.convert import bake, modulate, modulation_options
-from km_tf.errors import (BudgetError, ExportError, KMError,
+from km_tf.errors import (BudgetError, ClusterError, DataError, ExportError, KMError,
                           MicroArenaTooSmallError, MicroRuntimeError,
-                          ModelFileError, TaskFileError, UnsupportedLayerError,
+                          ModelFileError, ResumeError, TaskFileError,
+                          UnsupportedLayerError,
                           WeightsUnavailableError)
 from km_tf.layers import (KernelModulatedConv2D, KernelModulatedDepthwiseConv2D,
                           KernelModulator)
@@ -21,11 +22,14 @@ __version__ = "0.2.0"
 
 __all__ = [
     "BudgetError",
+    "ClusterError",
+    "DataError",
     "ExportError",
     "KMError",
     "MicroArenaTooSmallError",
     "MicroRuntimeError",
     "ModelFileError",
+    "ResumeError",
     "WeightsUnavailableError",
     "KernelModulatedConv2D",
     "KernelModulatedDepthwiseConv2D",

@@ -8,7 +8,10 @@ One entry point, `load(spec, ...)`, reads a dataset named by a spec string:
   of `skimage.data` (`TEXTURE_IMAGES`), one class per image.
 - `"tfds:NAME[:CLASSES]"`: a tensorflow-datasets image dataset (downloaded
   into `data_dir` on first use, so it needs network once).
-- `"folder:PATH"`: a folder with one sub-folder of images per class.
+- `"folder:PATH"`: a folder with one sub-folder of images per class. Every
+  image file is decoded once before any pipeline is built: files that do
+  not decode are named in one `DataError` (or skipped with a warning, with
+  `skip_bad_images=True`), instead of aborting `fit` mid-epoch.
 
 `CLASSES` picks a subset in order, re-indexed `0..k-1`: `0-4`, `5-9`,
 `1,3,7` or class names (`face,non_face`). E.g. `"digits:0-4"` to pretrain a
@@ -21,15 +24,20 @@ model without in-model normalisation, `normalization=` a mode (`"tf"`,
 `"torch"`, `"caffe"`; see `km_tf.models.input_normalization`) normalises in
 the pipeline instead. Datasets without a native validation or test split
 get one carved out of their training data, stratified per class and seeded.
+A selection of fewer than two classes is refused (`DataError`): with one,
+every prediction is right and the test accuracy reads 100%.
 """
 
 import dataclasses
 import os
+import re
 from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
+from km_tf.errors import DataError
 from km_tf.models.preprocessing import normalize
 
 SPLITS = ("train", "validation", "test")
@@ -44,6 +52,8 @@ SPEC_FORMS = (
     "tfds:NAME[:CLASSES]",
     "folder:PATH",
 )
+# Undecodable image files named in an error or warning; the rest are counted.
+SHOWN_BAD_FILES = 5
 # Augmentation at strength 1: zoom-in of the random crop, brightness shift
 # (in 0-255 pixel units).
 _MAX_ZOOM = 0.25
@@ -108,6 +118,20 @@ class _Source:
     pools: dict[str, _Pool]  # "all", or tfds splits ("train", "test", ...)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ReadOptions:
+    """How a source reads its data (each source uses what applies to it).
+
+    Attributes:
+        data_dir: tensorflow-datasets data directory (`tfds:`).
+        skip_bad_images: Drop image files that do not decode instead of
+            refusing the folder (`folder:`).
+    """
+
+    data_dir: str | None = None
+    skip_bad_images: bool = False
+
+
 def load(
     spec: str,
     *,
@@ -123,6 +147,7 @@ def load(
     seed: int = 0,
     data_dir: str | None = None,
     cache: bool = True,
+    skip_bad_images: bool = False,
 ) -> ImageDatasets:
     """Builds train / validation / test pipelines for a dataset spec.
 
@@ -152,14 +177,20 @@ def load(
         data_dir: tensorflow-datasets data directory (`tfds:` only).
         cache: Cache decoded, resized images in memory (before
             augmentation).
+        skip_bad_images: `folder:` only. Image files that do not decode
+            (truncated, not an image) are dropped with one warning naming
+            them; by default they are refused with a `DataError`.
 
     Returns:
         An `ImageDatasets`.
 
     Raises:
-        ValueError: A malformed spec, unknown dataset or class, a folder
-            without class sub-folders or images, or too few images per class.
+        DataError: A malformed spec, unknown dataset or class, fewer than
+            two classes, a folder without class sub-folders or images, image
+            files that do not decode (unless `skip_bad_images`), or too few
+            images per class. A `ValueError`, as `except ValueError` expects.
         FileNotFoundError: The folder does not exist.
+        RuntimeError: A tfds dataset cannot be downloaded (offline).
 
     Example:
     >>> data = load("digits:5-9", image_size=32, shots=10)
@@ -167,18 +198,20 @@ def load(
     """
     parsed = parse_spec(spec)
     if classes is not None and parsed.classes is not None:
-        raise ValueError(
+        raise DataError(
             f"Classes given twice: in the spec {spec!r} and as "
             f"`classes={list(classes)}`; use one."
         )
     if not 0.0 <= augment <= 1.0:
-        raise ValueError(f"`augment` must be in [0, 1]; got {augment}.")
+        raise DataError(f"`augment` must be in [0, 1]; got {augment}.")
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(
         image_size
     )
-    source = _SOURCES[parsed.source](parsed.name, data_dir)
+    source = _SOURCES[parsed.source](
+        parsed.name, _ReadOptions(data_dir, skip_bad_images))
     selectors = classes if classes is not None else parsed.classes
     keep = _class_ids(source.class_names, selectors, spec)
+    _check_two_classes(spec, source.class_names, keep)
     relabel = np.full(len(source.class_names), -1, np.int32)
     relabel[keep] = np.arange(len(keep), dtype=np.int32)
     selection = _split(
@@ -223,26 +256,29 @@ def parse_spec(spec: str) -> DataSpec:
     Returns:
         A `DataSpec`.
 
+    Raises:
+        DataError: An unknown source, or a spec without its path or name.
+
     Example:
     >>> parse_spec("digits:5-9")
     DataSpec(source='digits', name='digits', classes=(5, 6, 7, 8, 9))
     """
     source, _, rest = spec.partition(":")
     if source not in _SOURCES:
-        raise ValueError(
+        raise DataError(
             f"Unknown data source {source!r} in spec {spec!r}; write one of "
             f"{', '.join(SPEC_FORMS)}."
         )
     if source == "folder":
         if not rest:
-            raise ValueError(f"Spec {spec!r} lacks the path: 'folder:PATH'.")
+            raise DataError(f"Spec {spec!r} lacks the path: 'folder:PATH'.")
         return DataSpec(source, rest)
     if source == "digits":
         name, selectors = "digits", rest
     else:
         name, _, selectors = rest.partition(":")
         if not name:
-            raise ValueError(
+            raise DataError(
                 f"Spec {spec!r} lacks the dataset name: '{source}:NAME'."
             )
     return DataSpec(source, name, _parse_classes(selectors) if selectors
@@ -278,14 +314,40 @@ def _class_ids(
         ):
             ids.append(int(selector))
         else:
-            raise ValueError(
+            raise DataError(
                 f"Class {selector!r} is not in {spec!r}: it has "
                 f"{len(class_names)} classes (0-{len(class_names) - 1}), "
                 f"named {list(class_names)[:20]}."
             )
     if len(set(ids)) != len(ids):
-        raise ValueError(f"Classes {list(selectors)} repeat a class.")
+        raise DataError(f"Classes {list(selectors)} repeat a class.")
     return ids
+
+
+def _check_two_classes(spec: str, class_names: Sequence[str],
+                       keep: Sequence[int]) -> None:
+    """Refuses a selection of fewer than two classes.
+
+    Raises:
+        DataError: `keep` holds fewer than two classes.
+    """
+    if len(keep) >= 2:
+        return
+    names = list(class_names)[:20]
+    if len(class_names) < 2:
+        found = f"has {len(class_names)} class ({names})"
+        fix = ("add images of at least one more class (for a folder: one "
+               "sub-folder of images per class)")
+    else:
+        found = (f"selects {len(keep)} class "
+                 f"({[class_names[i] for i in keep]}) of the "
+                 f"{len(class_names)} it has ({names})")
+        fix = ("select at least two of them, in the spec's CLASSES part or "
+               "with `classes=`")
+    raise DataError(
+        f"Dataset {spec!r} {found}: a classifier needs at least two, and "
+        f"with one every prediction is right (accuracy reads 100%). Fix: "
+        f"{fix}.")
 
 
 def _split(
@@ -315,7 +377,7 @@ def _split(
             carved[split].append(members[:n])
             members = members[n:]
         if not len(members):
-            raise ValueError(
+            raise DataError(
                 f"Class {source.class_names[class_id]!r} of {spec!r} has too "
                 "few images to split into train/validation/test; add images "
                 "or lower `validation_fraction` / `test_fraction`."
@@ -342,13 +404,13 @@ def _few_shot(
 ) -> np.ndarray:
     """Keeps `shots` random examples of each class among `indices`."""
     if shots < 1:
-        raise ValueError(f"`shots` must be >= 1; got {shots}.")
+        raise DataError(f"`shots` must be >= 1; got {shots}.")
     rng = np.random.default_rng(seed + 1)
     chosen = []
     for class_id in np.unique(labels[indices]):
         members = indices[labels[indices] == class_id]
         if len(members) < shots:
-            raise ValueError(
+            raise DataError(
                 f"Class {class_names[class_id]!r} has {len(members)} training "
                 f"images, fewer than shots={shots}."
             )
@@ -432,7 +494,7 @@ def _augment(
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-# Sources: name (or path) and data_dir -> _Source.
+# Sources: name (or path) and _ReadOptions -> _Source.
 
 
 def _array_pool(images: np.ndarray, labels: np.ndarray) -> _Pool:
@@ -453,7 +515,7 @@ def _to_uint8_rgb(images: np.ndarray, max_value: float) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
-def _digits_source(name: str, data_dir: str | None) -> _Source:
+def _digits_source(name: str, options: _ReadOptions) -> _Source:
     """scikit-learn's 8x8 digits (values 0-16), classes '0'..'9'."""
     from sklearn.datasets import load_digits
 
@@ -465,7 +527,7 @@ def _digits_source(name: str, data_dir: str | None) -> _Source:
     )
 
 
-def _skimage_source(name: str, data_dir: str | None) -> _Source:
+def _skimage_source(name: str, options: _ReadOptions) -> _Source:
     """`skimage.data`: 'faces' (lfw_subset) or 'textures' (patches)."""
     import skimage.data
     from skimage.util import img_as_float
@@ -491,7 +553,7 @@ def _skimage_source(name: str, data_dir: str | None) -> _Source:
             {"all": _array_pool(_to_uint8_rgb(np.concatenate(patches), 1.0),
                                 np.concatenate(labels))},
         )
-    raise ValueError(
+    raise DataError(
         f"Unknown skimage dataset {name!r}; choose one of "
         f"{', '.join(SKIMAGE_DATASETS)} ('skimage:faces')."
     )
@@ -506,8 +568,12 @@ def _tiles(image: np.ndarray, size: int) -> np.ndarray:
     )
 
 
-def _folder_source(path: str, data_dir: str | None) -> _Source:
-    """One sub-folder of images per class; names sorted alphabetically."""
+def _folder_source(path: str, options: _ReadOptions) -> _Source:
+    """One sub-folder of images per class; names sorted alphabetically.
+
+    Every image file is decoded once here, so a bad file is named now
+    rather than aborting `fit` later.
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Image folder {path!r} does not exist.")
     class_names = sorted(
@@ -518,21 +584,22 @@ def _folder_source(path: str, data_dir: str | None) -> _Source:
               f"{os.path.join(path, 'cat', '001.png')} and "
               f"{os.path.join(path, 'dog', '001.png')}")
     if not class_names:
-        raise ValueError(
+        raise DataError(
             f"Image folder {path!r} has no class sub-folders: {layout}."
         )
-    paths, labels = [], []
-    for class_id, class_name in enumerate(class_names):
-        files = _image_files(os.path.join(path, class_name))
-        if not files:
-            raise ValueError(
-                f"Class folder {os.path.join(path, class_name)!r} holds no "
-                f"images ({', '.join(IMAGE_EXTENSIONS)}); add some or "
-                f"remove it: {layout}."
-            )
-        paths += files
-        labels += [class_id] * len(files)
-    paths, labels = np.array(paths), np.array(labels, np.int64)
+    files = {name: _image_files(os.path.join(path, name))
+             for name in class_names}
+    _check_not_empty(path, files, layout, skipped=False)
+    bad = _undecodable([file for names in files.values() for file in names])
+    if bad:
+        _refuse_or_warn(path, bad, sum(map(len, files.values())),
+                        options.skip_bad_images)
+        files = {name: [file for file in names if file not in bad]
+                 for name, names in files.items()}
+        _check_not_empty(path, files, layout, skipped=True)
+    paths = np.array([file for names in files.values() for file in names])
+    labels = np.concatenate([np.full(len(names), class_id, np.int64)
+                             for class_id, names in enumerate(files.values())])
 
     def take(indices: np.ndarray) -> tf.data.Dataset:
         return tf.data.Dataset.from_tensor_slices(
@@ -541,6 +608,70 @@ def _folder_source(path: str, data_dir: str | None) -> _Source:
               num_parallel_calls=tf.data.AUTOTUNE)
 
     return _Source(tuple(class_names), {"all": _Pool(labels, take)})
+
+
+def _check_not_empty(path: str, files: dict[str, list[str]], layout: str,
+                     *, skipped: bool) -> None:
+    """Refuses a class sub-folder without (decodable) images.
+
+    Raises:
+        DataError: A class of `files` has no files.
+    """
+    for class_name, names in files.items():
+        if names:
+            continue
+        what = ("no images that decode (the bad ones were skipped)" if skipped
+                else f"no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(
+            f"Class folder {os.path.join(path, class_name)!r} holds {what}; "
+            f"add some or remove it: {layout}."
+        )
+
+
+def _undecodable(files: Sequence[str]) -> dict[str, str]:
+    """The files TensorFlow cannot read or decode, with the reason for each.
+
+    Decodes each file eagerly with the pipeline's own decoder (`_decode`):
+    what passes here decodes in `fit`. About 0.15 ms per small PNG, 1 ms per
+    256x256 JPEG (see BUILD.md, "Data validation").
+    """
+    bad = {}
+    for file in files:
+        try:
+            _decode(tf.constant(file))
+        except tf.errors.OpError as error:
+            bad[file] = _reason(error)
+    return bad
+
+
+def _reason(error: tf.errors.OpError) -> str:
+    """TensorFlow's message without `{{function_node ...}}` and `[Op:...]`."""
+    text = re.sub(r"\{\{.*?\}\}\s*", "", error.message)
+    text = re.sub(r"\s*\[Op:\w+\].*", "", text, flags=re.S).strip()
+    return text or type(error).__name__
+
+
+def _refuse_or_warn(path: str, bad: dict[str, str], total: int,
+                    skip: bool) -> None:
+    """Names the undecodable files: in a `DataError`, or a warning if `skip`.
+
+    Raises:
+        DataError: `bad` files and not `skip`.
+    """
+    shown = [f"{file} ({reason})"
+             for file, reason in list(bad.items())[:SHOWN_BAD_FILES]]
+    if len(bad) > len(shown):
+        shown.append(f"and {len(bad) - len(shown)} more")
+    listing = "; ".join(shown)
+    if skip:
+        logging.warning("Skipping %d of %d image files in %s that do not "
+                        "decode: %s.", len(bad), total, path, listing)
+        return
+    raise DataError(
+        f"{len(bad)} of {total} image files in folder {path!r} do not "
+        f"decode: {listing}. Delete or replace them, or pass "
+        "`skip_bad_images=True` to train on the rest."
+    )
 
 
 def _image_files(folder: str) -> list[str]:
@@ -560,14 +691,14 @@ def _decode(file: tf.Tensor) -> tf.Tensor:
     )
 
 
-def _tfds_source(name: str, data_dir: str | None) -> _Source:
+def _tfds_source(name: str, options: _ReadOptions) -> _Source:
     """A tensorflow-datasets image dataset with (image, label) keys."""
     import tensorflow_datasets as tfds
 
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=options.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
+        raise DataError(
             f"Unknown tensorflow-datasets dataset {name!r}: check the name in "
             "the tfds catalog (`tfds.list_builders()`), e.g. "
             "'tfds:oxford_flowers102'."
@@ -584,7 +715,7 @@ def _tfds_source(name: str, data_dir: str | None) -> _Source:
         ) from error
     info = builder.info
     if info.supervised_keys is None or len(info.supervised_keys) != 2:
-        raise ValueError(
+        raise DataError(
             f"tfds dataset {name!r} has no (image, label) supervised keys."
         )
     image_key, label_key = info.supervised_keys
@@ -632,7 +763,7 @@ def _tfds_pool(builder, split: str, image_key: str) -> _Pool:
     return _Pool(labels, take)
 
 
-_SOURCES: dict[str, Callable[[str, str | None], _Source]] = {
+_SOURCES: dict[str, Callable[[str, _ReadOptions], _Source]] = {
     "digits": _digits_source,
     "skimage": _skimage_source,
     "tfds": _tfds_source,

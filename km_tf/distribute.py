@@ -19,10 +19,16 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 
 import tensorflow as tf
+
+from km_tf.errors import ClusterError
+
+# How long a TPU may take to accept a connection before the run gives up.
+CONNECT_TIMEOUT_S = 30.0
 
 STRATEGY_NAMES = ("default", "mirrored", "multi_worker", "tpu")
 _CHIEF_TYPES = ("chief", "master")
@@ -64,9 +70,26 @@ def make_strategy(name: str = "default", *,
         _check_tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    _check_reachable(resolver.master(), "--tpu")
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
+
+
+def _check_reachable(address: str, what: str,
+                     timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fails fast, naming `address`, when nothing answers there: TensorFlow
+    itself waits without end for a TPU that is not listening."""
+    host, _, port = address.removeprefix("grpc://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # Local or resolved by TensorFlow in its own way.
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ClusterError(
+            f"Nothing answers at {address} ({error}) within {timeout:g} s. "
+            f"Check {what} (name or grpc://host:port) and that the TPU is "
+            "up and reachable from this machine.") from error
 
 
 def _check_tf_config() -> None:

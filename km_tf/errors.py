@@ -24,6 +24,23 @@ class ModelFileError(KMError, ValueError):
     """A model file (e.g. a base `.keras`) that cannot be loaded."""
 
 
+class DataError(KMError, ValueError):
+    """A dataset that cannot train or evaluate a classifier as asked.
+
+    E.g. fewer than two classes (where every prediction is right), or image
+    files that do not decode; the message names the files or classes.
+    """
+
+
+class ClusterError(KMError, RuntimeError):
+    """A TPU or worker that cannot be reached."""
+
+
+class ResumeError(KMError, ValueError):
+    """A backup of an interrupted run that the current settings cannot
+    resume."""
+
+
 class ExportError(KMError, ValueError):
     """Bad input to an export: the message names the problem and the fix."""
 

@@ -7,7 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 ROOT = Path(__file__).resolve().parents[1]
 # The default run (pretrain on digits 0-4, a KM task on digits 5-9) on a
@@ -51,7 +53,7 @@ def default_run(tmp_path_factory) -> Path:
             app_command("train", f"--flagfile={flagfile}",
                         f"--output_dir={folder / 'out'}"),
             env=APP_ENVIRONMENT, stdout=stream, stderr=subprocess.STDOUT,
-            text=True, timeout=600)
+            text=True, timeout=600, umask=0o022)
     assert result.returncode == 0, log.read_text()[-4000:]
     return folder / "out"
 
@@ -162,6 +164,8 @@ def test_task_image_size_other_than_the_base_is_named(default_run, tmp_path):
                      "--image_size=64", f"--output_dir={tmp_path / 'x'}")
     assert result.returncode != 0
     assert "--image_size=64" in result.stderr and "32" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_task_mode_without_a_base_file_says_what_to_pass(tmp_path):
@@ -194,23 +198,96 @@ def kill_after_first_backup(command: list[str], metadata: Path,
 
 
 @pytest.mark.slow
-def test_killed_task_run_resumes_after_its_last_finished_epoch(default_run,
-                                                               tmp_path):
+def test_killed_run_resumes_after_its_last_finished_epoch_with_every_stage(
+        tmp_path):
+    """mode=all killed in its task stage: the rerun reuses the base, trains
+    only the missing task epochs and reports both stages."""
     output = tmp_path / "out"
     epochs = 6
-    command = app_command(
-        "train", "--mode=task", f"--base={default_run / 'base.keras'}",
-        f"--task_epochs={epochs}", "--steps_per_epoch=5",
-        f"--output_dir={output}", "--verbose=2")
+    command = app_command("train", "--pretrain_epochs=1", "--steps_per_epoch=3",
+                          f"--task_epochs={epochs}", f"--output_dir={output}")
     finished = kill_after_first_backup(
         command, output / "backup" / "task" / "training_metadata.json")
     assert 1 <= finished < epochs
     assert not (output / "task.kmtask").exists()
 
-    result = subprocess.run(command, env=APP_ENVIRONMENT,
-                            capture_output=True, text=True, timeout=600)
-    check(result)
-    task = json.loads((output / "report.json").read_text())["stages"][-1]
+    check(subprocess.run(command, env=APP_ENVIRONMENT, capture_output=True,
+                         text=True, timeout=600))
+    pretrain, task = json.loads((output / "report.json").read_text()
+                                )["stages"]
+    assert pretrain["stage"] == "pretrain" and pretrain["epochs"] == [1]
     assert task["epochs"] == list(range(finished + 1, epochs + 1))
     assert (output / "task.kmtask").is_file()
     assert not (output / "backup").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_other_flags_is_refused_and_restart_starts_afresh(
+        default_run, tmp_path):
+    output = tmp_path / "out"
+    epochs = 4
+    flags = ["--mode=task", f"--base={default_run / 'base.keras'}",
+             f"--task_epochs={epochs}", "--steps_per_epoch=5",
+             f"--output_dir={output}"]
+    kill_after_first_backup(
+        app_command("train", *flags),
+        output / "backup" / "task" / "training_metadata.json")
+
+    changed = [*flags, "--task_data=digits:0-4", "--hidden_units=8"]
+    refused = run_app("train", *changed)
+    assert refused.returncode != 0
+    error = refused.stderr.strip().splitlines()[-1]
+    assert error.startswith("train.py: error:")
+    for name in ("--task_data", "--hidden_units", "--restart",
+                 str(output / "backup")):
+        assert name in error
+    assert (output / "backup" / "task").is_dir()  # Nothing was lost.
+
+    check(run_app("train", *changed, "--restart"))
+    report = json.loads((output / "report.json").read_text())
+    assert report["stages"][-1]["epochs"] == list(range(1, epochs + 1))
+    assert report["stages"][-1]["data"] == "digits:0-4"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode=pretrain", "--pretrain_data=folder:{one_class}"],
+     "has 1 class"),
+    (["--mode=pretrain", "--pretrain_data=folder:{corrupt}"],
+     "broken.jpg"),
+    (["--task_data=nope:1"], "Unknown data source 'nope'"),
+    (["--task_data=folder:/no/such/folder"], "'/no/such/folder'"),
+    (["--mode=task", "--base={text}"], "Cannot load base model"),
+    (["--batch_size=0"], "batch_size"),
+    (["--steps_per_epoch=0"], "steps_per_epoch"),
+    (["--task_learning_rate=-1"], "learning_rate"),
+])
+def test_bad_input_is_one_line_and_creates_no_output(tmp_path, flags,
+                                                     message):
+    text = tmp_path / "notes.keras"
+    text.write_text("not a model")
+    folders = {"one_class": tmp_path / "one", "corrupt": tmp_path / "two"}
+    for folder, classes in ((folders["one_class"], ["a"]),
+                            (folders["corrupt"], ["a", "b"])):
+        for name in classes:
+            (folder / name).mkdir(parents=True)
+            for i in range(4):
+                _write_png(folder / name / f"{i}.png", seed=i)
+    (folders["corrupt"] / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    output = tmp_path / "out"
+    result = run_app("train", *(f.format(text=text, **folders)
+                                for f in flags), f"--output_dir={output}")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def _write_png(path: Path, seed: int) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), np.uint8)
+    path.write_bytes(tf.io.encode_png(pixels).numpy())
+
+
+def test_outputs_are_readable_by_others_under_umask_022(default_run):
+    for name in ("base.keras", "task.kmtask", "report.json", "report.txt"):
+        assert (default_run / name).stat().st_mode & 0o777 == 0o644, name

@@ -1,11 +1,13 @@
 """Tests for km_tf.data: spec parsing, sources, splits, pipelines, errors."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
+import km_tf
 from km_tf import data
 
 SIZE = 16
@@ -33,16 +35,21 @@ def digits_task():
     return data.load("digits:5-9", image_size=SIZE, batch_size=64)
 
 
+def write_class_folder(root, name, count=IMAGES_PER_CLASS):
+    """`root/name/000.png...`: `count` images of the class's colour."""
+    (root / name).mkdir()
+    for i in range(count):
+        shape = (20 + i, 24, 3)  # sizes differ, as in real folders
+        image = np.broadcast_to(np.array(COLOURS[name], np.uint8), shape)
+        png = tf.io.encode_png(image).numpy()
+        (root / name / f"{i:03d}.png").write_bytes(png)
+
+
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("folder")
-    for name, colour in COLOURS.items():
-        (root / name).mkdir()
-        for i in range(IMAGES_PER_CLASS):
-            shape = (20 + i, 24, 3)  # sizes differ, as in real folders
-            image = np.broadcast_to(np.array(colour, np.uint8), shape)
-            png = tf.io.encode_png(image).numpy()
-            (root / name / f"{i:03d}.png").write_bytes(png)
+    for name in COLOURS:
+        write_class_folder(root, name)
     grey = tf.io.encode_png(np.full((8, 8, 1), 200, np.uint8)).numpy()
     (root / "red" / "nested").mkdir()
     (root / "red" / "nested" / "grey.PNG").write_bytes(grey)
@@ -170,8 +177,9 @@ def test_textures_cut_one_class_per_skimage_image():
 
 
 def test_augmentation_changes_training_images_only():
-    plain = data.load("skimage:textures:0", image_size=SIZE, cache=False)
-    augmented = data.load("skimage:textures:0", image_size=SIZE, augment=1.0)
+    plain = data.load("skimage:textures:0,1", image_size=SIZE, cache=False)
+    augmented = data.load("skimage:textures:0,1", image_size=SIZE,
+                          augment=1.0)
     assert not np.allclose(np.sort(images_of(augmented.train), axis=None),
                            np.sort(images_of(plain.train), axis=None))
     np.testing.assert_allclose(images_of(augmented.test),
@@ -214,6 +222,85 @@ def test_empty_class_folder_is_named(tmp_path):
     (tmp_path / "cats").mkdir()
     with pytest.raises(ValueError, match="cats.*holds no images"):
         data.load(f"folder:{tmp_path}")
+
+
+@pytest.fixture
+def folder_with_bad_files(tmp_path):
+    """Two classes of good PNGs, a truncated JPEG and a text file `.png`."""
+    for name in ("blue", "red"):
+        write_class_folder(tmp_path, name)
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)
+    jpeg = tf.io.encode_jpeg(image).numpy()
+    (tmp_path / "red" / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    (tmp_path / "blue" / "notes.png").write_text("not an image")
+    return tmp_path
+
+
+def test_folder_with_one_class_is_refused_naming_it(tmp_path):
+    write_class_folder(tmp_path, "red")
+    with pytest.raises(km_tf.DataError, match=r"has 1 class \(\['red'\]"
+                       r".*at least two.*sub-folder"):
+        data.load(f"folder:{tmp_path}", image_size=SIZE)
+
+
+def test_spec_selecting_one_class_is_refused():
+    with pytest.raises(km_tf.DataError,
+                       match="'digits:3' selects 1 class.*at least two"):
+        data.load("digits:3", image_size=SIZE)
+
+
+def test_classes_argument_selecting_one_class_is_refused(image_folder):
+    with pytest.raises(km_tf.DataError, match="at least two"):
+        data.load(f"folder:{image_folder}", classes=["red"], image_size=SIZE)
+
+
+def test_undecodable_files_are_named_in_one_error_at_load(
+        folder_with_bad_files):
+    with pytest.raises(km_tf.DataError) as raised:
+        data.load(f"folder:{folder_with_bad_files}", image_size=SIZE)
+    message = str(raised.value)
+    assert message.startswith("2 of 14 image files")
+    assert str(folder_with_bad_files / "red" / "truncated.jpg") in message
+    assert str(folder_with_bad_files / "blue" / "notes.png") in message
+    assert "Unknown image file format" in message
+    assert "skip_bad_images=True" in message
+    assert isinstance(raised.value, ValueError)
+
+
+def test_error_lists_a_few_bad_files_and_counts_the_rest(tmp_path):
+    for name in ("blue", "red"):
+        write_class_folder(tmp_path, name)
+    for i in range(data.SHOWN_BAD_FILES + 3):
+        (tmp_path / "red" / f"bad{i}.png").write_bytes(b"")
+    with pytest.raises(km_tf.DataError, match="; and 3 more. Delete"):
+        data.load(f"folder:{tmp_path}", image_size=SIZE)
+
+
+def test_skip_bad_images_trains_on_the_rest_and_warns(folder_with_bad_files,
+                                                       caplog):
+    folder = data.load(f"folder:{folder_with_bad_files}", image_size=SIZE,
+                       skip_bad_images=True, batch_size=4)
+    assert sum(folder.counts.values()) == 2 * IMAGES_PER_CLASS
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "Skipping 2 of 14" in warnings[0]
+    assert "truncated.jpg" in warnings[0] and "notes.png" in warnings[0]
+    model = keras.Sequential([keras.Input((SIZE, SIZE, 3)),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    history = model.fit(folder.train, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_class_left_empty_by_skipping_is_named(tmp_path):
+    write_class_folder(tmp_path, "blue")
+    (tmp_path / "red").mkdir()
+    (tmp_path / "red" / "broken.png").write_text("not an image")
+    with pytest.raises(km_tf.DataError,
+                       match="red.*no images that decode"):
+        data.load(f"folder:{tmp_path}", skip_bad_images=True)
 
 
 def test_tfds_mock_mnist_subset_with_carved_validation(tmp_path):

@@ -25,6 +25,17 @@ def test_unknown_strategy_names_the_choices():
         make_strategy("horovod")
 
 
+def test_tpu_address_where_nothing_listens_fails_fast_naming_it():
+    import km_tf
+    from km_tf.distribute import make_strategy
+    with socket.socket() as probe:  # A loopback port nobody listens on.
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"grpc://127.0.0.1:{port}"
+    with pytest.raises(km_tf.ClusterError, match=f"{address}.*--tpu"):
+        make_strategy("tpu", tpu=address)
+
+
 def test_multi_worker_without_tf_config_says_how_to_set_it(monkeypatch):
     from km_tf.distribute import make_strategy
     monkeypatch.delenv("TF_CONFIG", raising=False)

@@ -395,6 +395,58 @@ def test_calibration_data_of_wrong_shape_is_a_clear_error(baked):
         export.convert(baked, "int8", np.zeros((4, 8, 8, 3), np.float32))
 
 
+@pytest.mark.parametrize("scale, looks", [
+    (lambda x: x / 255.0, r"scaled to \[0, 1\]"),
+    (lambda x: x / 127.5 - 1.0, "already normalized"),
+    (lambda x: x * 256.0, "beyond the pixel range"),
+])
+def test_calibration_in_the_wrong_range_is_refused_before_any_file(
+        setup, baked, tmp_path, scale, looks):
+    out = tmp_path / "out"
+    with pytest.raises(export.ExportError,
+                       match=rf"{looks}.*takes RGB pixels in \[0, 255\]"
+                       r".*--calibration_data=SPEC"):
+        export.export_model(baked, "int8", out, "task1",
+                            calibration_data=scale(setup["train"]),
+                            heldout=setup["heldout"])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("data, message", [
+    (np.full((4, 16, 16, 3), "a"), "dtype <U1; it must be real numbers"),
+    (np.full((4, 16, 16, 3), np.nan, np.float32), "NaN or infinite"),
+])
+def test_calibration_that_is_not_finite_numbers_is_refused(baked, data,
+                                                           message):
+    with pytest.raises(export.ExportError, match=message):
+        export.convert(baked, "int8", data)
+
+
+def test_model_without_input_normalization_takes_any_finite_range():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    assert models.input_normalization(model) is None
+    scaled = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3))
+    assert export.convert(model, "int8", scaled.astype(np.float32))
+
+
+@pytest.mark.parametrize("bad_heldout, message", [
+    (lambda x, y: (x, y.astype(np.float32)), "dtype float32.*integer"),
+    (lambda x, y: (x, np.eye(TASK_CLASSES, dtype=int)[y]), "argmax"),
+    (lambda x, y: (x, y[:-1]), "labels for"),
+    (lambda x, y: (x, y + 5), r"span \[5, 7\].*3 classes"),
+    (lambda x, y: (x / 255.0, y), r"x_test\) spans.*scaled to \[0, 1\]"),
+])
+def test_malformed_heldout_is_refused_with_no_tflite_written(
+        setup, baked, tmp_path, bad_heldout, message):
+    x, y = setup["heldout"]
+    with pytest.raises(export.ExportError, match=message):
+        export.export_model(baked, "float32", tmp_path, "task1",
+                            heldout=bad_heldout(x, y))
+    assert not list(tmp_path.iterdir())
+
+
 def test_unsupported_preset_is_a_clear_error(baked):
     with pytest.raises(ValueError, match="Unsupported export preset 'int4'"):
         export.convert(baked, "int4")

@@ -10,20 +10,26 @@ modules.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from km_tf import data, distribute, models, training
-from km_tf.errors import KMError
+from km_tf import data, distribute, files, models, training
+from km_tf.errors import KMError, ResumeError
 
 FLAGS = flags.FLAGS
 # Input size of a base pretrained by a program (a task takes its base's).
 DEFAULT_IMAGE_SIZE = 32
+# The settings a backup was made with, kept beside it.
+RUN_SETTINGS_FILE = "run_settings.json"
 
 
 def define_base_flags() -> None:
@@ -61,6 +67,9 @@ def define_data_flags(*, pretrain_epochs: int) -> None:
     flags.DEFINE_boolean("flip", False, "Random left-right flips when "
                          "augmenting (off for digits and text).")
     flags.DEFINE_string("data_dir", None, "tensorflow-datasets data folder.")
+    flags.DEFINE_boolean("skip_bad_images", False, "folder: specs: train on "
+                         "the images that decode and warn about the others "
+                         "(default: refuse the folder, naming them).")
     flags.DEFINE_integer("seed", 0, "Seed of weights, splits and shuffling.")
 
 
@@ -74,6 +83,74 @@ def define_strategy_flags() -> None:
                         "(strategy=tpu); empty finds it on a TPU VM.")
 
 
+def define_restart_flag() -> None:
+    """`--restart`: discard the backup of an interrupted run."""
+    flags.DEFINE_boolean("restart", False, "Discard the backup of an "
+                         "interrupted run in --output_dir and start afresh "
+                         "(needed when the flags changed since).")
+
+
+def run_settings(programs: Sequence[str], *, ignore: Sequence[str] = ()
+                 ) -> dict[str, Any]:
+    """The values of the flags the given modules define, minus `ignore`:
+    what a resumed run must share with the run it resumes."""
+    settings = {}
+    for module in (*programs, __name__):
+        for flag in FLAGS.get_flags_for_module(module):
+            if flag.name not in ignore:
+                settings[flag.name] = flag.value
+    return json.loads(json.dumps(settings, default=str))
+
+
+def check_resume(backup_root: str, settings: dict[str, Any], *,
+                 restart: bool) -> None:
+    """Makes sure a backup in `backup_root` belongs to a run like this one.
+
+    With `restart`, any backup is deleted. Otherwise a backup made with
+    other settings is refused (the `BackupAndRestore` state would load into
+    another model, or silently continue another run) with one line naming
+    the differing flags, the folder and `--restart`. The settings are then
+    recorded beside the backup for the next run to compare.
+
+    Raises:
+        ResumeError: The backup was made with other settings, or with
+            settings not recorded (an older km-tf).
+    """
+    path = os.path.join(backup_root, RUN_SETTINGS_FILE)
+    if restart:
+        shutil.rmtree(backup_root, ignore_errors=True)
+    elif os.path.isfile(path):
+        with open(path) as stream:
+            recorded = json.load(stream)
+        differing = [f"--{name}: {recorded.get(name)!r} then, {value!r} now"
+                     for name, value in settings.items()
+                     if recorded.get(name) != value]
+        if differing:
+            raise ResumeError(
+                f"{backup_root} holds the backup of an interrupted run with "
+                f"other flags ({'; '.join(differing)}). Rerun with the same "
+                "flags to resume it, or pass --restart to discard it.")
+    elif os.path.isdir(backup_root) and os.listdir(backup_root):
+        raise ResumeError(
+            f"{backup_root} holds a backup whose flags were not recorded. "
+            "Pass --restart to discard it and start afresh.")
+    os.makedirs(backup_root, exist_ok=True)
+    files.write_atomically(path, json.dumps(settings, indent=2).encode())
+
+
+@contextlib.contextmanager
+def created_output_dir(path: str) -> Iterator[None]:
+    """Removes `path` again if this run created it and fails leaving it
+    empty, so a bad input leaves no empty output folder behind."""
+    existed = os.path.exists(path)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+        raise
+
+
 def load_data(spec: str, image_size: tuple[int, int], *,
               augment: float = 0.0,
               shots: int | None = None) -> data.ImageDatasets:
@@ -82,7 +159,8 @@ def load_data(spec: str, image_size: tuple[int, int], *,
     return data.load(spec, image_size=image_size,
                      batch_size=FLAGS.batch_size, augment=augment,
                      flip=FLAGS.flip, shots=shots, seed=FLAGS.seed,
-                     data_dir=FLAGS.data_dir)
+                     data_dir=FLAGS.data_dir,
+                     skip_bad_images=FLAGS.skip_bad_images)
 
 
 def load_base(path: str, strategy: tf.distribute.Strategy) -> keras.Model:

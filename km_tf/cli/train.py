@@ -25,6 +25,8 @@ A killed run resumes where it stopped: start the same command again
 outputs) and `tpu` (`--tpu=ADDRESS`). `--batch_size` is the global batch.
 """
 
+import dataclasses
+import json
 import os
 import shutil
 import time
@@ -33,11 +35,16 @@ import keras
 from absl import flags, logging
 
 import km_tf
-from km_tf import distribute, layers, reporting, training
+from km_tf import distribute, files, layers, reporting, training
 from km_tf.cli import common
 
 MODES = ("all", "pretrain", "task")
 BASE_FILE = "base.keras"
+PRETRAIN_REPORT_FILE = "pretrain_report.json"
+# Flags that change where and how a run reports, not what it trains: a
+# resumed run may change them.
+OUTPUT_FLAGS = ("output_dir", "task_name", "tensorboard", "verbose",
+                "restart", "strategy", "tpu")
 
 flags.DEFINE_enum("mode", "all", MODES,
                   "pretrain: train a base network and save it; task: "
@@ -45,6 +52,7 @@ flags.DEFINE_enum("mode", "all", MODES,
 common.define_base_flags()
 common.define_data_flags(pretrain_epochs=30)
 common.define_strategy_flags()
+common.define_restart_flag()
 # Training.
 flags.DEFINE_integer("task_epochs", 30, "Epochs of the task.", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", None, "Train steps per epoch "
@@ -105,12 +113,24 @@ def _verbosity() -> str | int:
     return FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
 
 
-def pretrain(strategy, backup_root: str,
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a run reads, loaded and checked before it writes anything.
+
+    Attributes:
+        base: `--base` (mode task), else None.
+        pretrain_data: The base's data (modes all and pretrain), else None.
+        task_data: The task's data (modes all and task), else None.
+    """
+
+    base: keras.Model | None
+    pretrain_data: km_tf.data.ImageDatasets | None
+    task_data: km_tf.data.ImageDatasets | None
+
+
+def pretrain(strategy, dataset: km_tf.data.ImageDatasets, backup_root: str,
              write_dir: str) -> reporting.StageReport:
     """Trains the base classifier and saves it as `base.keras`."""
-    dataset = common.load_data(FLAGS.pretrain_data,
-                               common.pretrain_image_size(),
-                               augment=FLAGS.augment)
     result = common.pretrain(
         dataset, strategy=strategy,
         optimizer=_optimizer(FLAGS.learning_rate, dataset),
@@ -118,16 +138,19 @@ def pretrain(strategy, backup_root: str,
         write_dir=write_dir, steps_per_epoch=FLAGS.steps_per_epoch,
         verbose=_verbosity(), tensorboard=FLAGS.tensorboard)
     path = os.path.join(write_dir, BASE_FILE)
-    result.model.save(path)
-    return _stage_report("pretrain", FLAGS.pretrain_data,
-                         dataset, result, path)
+    files.save_model_atomically(result.model, path)
+    report = _stage_report("pretrain", FLAGS.pretrain_data, dataset, result,
+                           path)
+    # Kept with the backups: a run resumed in its task stage reports both.
+    files.write_atomically(os.path.join(backup_root, PRETRAIN_REPORT_FILE),
+                           json.dumps(report.to_dict()).encode())
+    return report
 
 
-def train_task(strategy, base: keras.Model, backup_root: str,
+def train_task(strategy, base: keras.Model,
+               dataset: km_tf.data.ImageDatasets, backup_root: str,
                write_dir: str) -> reporting.StageReport:
     """Modulates `base`, trains the task and saves its `.kmtask` file."""
-    dataset = common.load_data(FLAGS.task_data, common.task_image_size(base),
-                               augment=FLAGS.augment, shots=FLAGS.shots)
     result = training.fit_and_evaluate(
         lambda: km_tf.models.build_task_model(
             base, dataset.num_classes, hidden_units=FLAGS.hidden_units,
@@ -157,9 +180,34 @@ def _stage_report(stage: str, spec: str, dataset: km_tf.data.ImageDatasets,
         task=task)
 
 
-def obtain_base(strategy, backup_root: str, write_dir: str,
+def check_inputs(strategy) -> Inputs:
+    """Loads and checks everything a run reads before it creates an output:
+    the optimizer settings, `--base` and its input size (mode task) and the
+    datasets (specs, folders, decodable images, class counts)."""
+    for rate in (FLAGS.learning_rate, FLAGS.task_learning_rate):
+        training.OptimizerOptions(name=FLAGS.optimizer, learning_rate=rate,
+                                  schedule=FLAGS.schedule)
+    base = pretrain_data = task_data = None
+    if FLAGS.mode == "task":
+        if not FLAGS.base:
+            raise FileNotFoundError(
+                "--mode=task needs --base: pass the base.keras written by "
+                "--mode=pretrain (or use --mode=all).")
+        base = common.load_base(FLAGS.base, strategy)
+        size = common.task_image_size(base)
+    else:
+        size = common.pretrain_image_size()
+        pretrain_data = common.load_data(FLAGS.pretrain_data, size,
+                                         augment=FLAGS.augment)
+    if FLAGS.mode != "pretrain":
+        task_data = common.load_data(FLAGS.task_data, size,
+                                     augment=FLAGS.augment, shots=FLAGS.shots)
+    return Inputs(base, pretrain_data, task_data)
+
+
+def obtain_base(strategy, inputs: Inputs, backup_root: str, write_dir: str,
                 stages: list[reporting.StageReport]) -> keras.Model | None:
-    """The base of the task stage: --base, pretrained now, or resumed.
+    """The base of the task stage (mode all): pretrained now, or resumed.
 
     In mode=all the freshly pretrained base is kept with the backups until
     the run completes, so that a run killed during the task stage resumes
@@ -167,16 +215,13 @@ def obtain_base(strategy, backup_root: str, write_dir: str,
     returns `None` (there is no task stage).
     """
     kept_base = os.path.join(backup_root, BASE_FILE)
-    if FLAGS.mode == "task":
-        if not FLAGS.base:
-            raise FileNotFoundError(
-                "--mode=task needs --base: pass the base.keras written by "
-                "--mode=pretrain (or use --mode=all).")
-        return common.load_base(FLAGS.base, strategy)
     if FLAGS.mode == "all" and os.path.isfile(kept_base):
         logging.info("Resuming: reusing the base in %s.", kept_base)
+        with open(os.path.join(backup_root, PRETRAIN_REPORT_FILE)) as stream:
+            stages.append(reporting.StageReport(**json.load(stream)))
         return common.load_base(kept_base, strategy)
-    stages.append(pretrain(strategy, backup_root, write_dir))
+    stages.append(pretrain(strategy, inputs.pretrain_data, backup_root,
+                           write_dir))
     if FLAGS.mode == "pretrain":
         return None
     os.makedirs(backup_root, exist_ok=True)
@@ -193,13 +238,21 @@ def main(argv):
     strategy = distribute.make_strategy(FLAGS.strategy, tpu=FLAGS.tpu)
     logging.info("Strategy %s with %d replica(s).", FLAGS.strategy,
                  strategy.num_replicas_in_sync)
+    inputs = check_inputs(strategy)
     backup_root = distribute.backup_dir_for(
         os.path.join(FLAGS.output_dir, "backup"), strategy)
     stages = []
-    with distribute.output_dir_for(FLAGS.output_dir, strategy) as write_dir:
-        base = obtain_base(strategy, backup_root, write_dir, stages)
+    with common.created_output_dir(FLAGS.output_dir), \
+            distribute.output_dir_for(FLAGS.output_dir, strategy) as write_dir:
+        files.remove_stale_temporaries(write_dir)
+        common.check_resume(
+            backup_root, common.run_settings([__name__], ignore=OUTPUT_FLAGS),
+            restart=FLAGS.restart)
+        base = inputs.base or obtain_base(strategy, inputs, backup_root,
+                                          write_dir, stages)
         if FLAGS.mode != "pretrain":
-            stages.append(train_task(strategy, base, backup_root, write_dir))
+            stages.append(train_task(strategy, base, inputs.task_data,
+                                     backup_root, write_dir))
         report = reporting.RunReport(
             settings=_settings(strategy, base), stages=stages,
             seconds=time.perf_counter() - start)

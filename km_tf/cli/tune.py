@@ -28,7 +28,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 import km_tf
-from km_tf import distribute, reporting, training, tuning
+from km_tf import distribute, files, reporting, training, tuning
 from km_tf.cli import common
 
 _DEFAULT_SPACE = tuning.SearchSpace()
@@ -140,7 +140,7 @@ def base_model(output_dir: str,
         backup_dir=os.path.join(output_dir, "backup", "pretrain"),
         write_dir=output_dir, verbose=2)
     logging.info("Base accuracy: %s; saved %s", result.accuracy, path)
-    result.model.save(path)
+    files.save_model_atomically(result.model, path)
     return result.model
 
 

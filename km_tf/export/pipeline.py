@@ -31,6 +31,7 @@ from absl import logging
 
 from km_tf.convert import bake
 from km_tf.errors import ExportError
+from km_tf.export.data import check_heldout, check_inputs
 from km_tf.export.edgetpu import check_edgetpu, compiler_command
 from km_tf.export.graph import Graph, read_graph
 from km_tf.export.presets import (DEFAULT_CALIBRATION_SAMPLES, QUANT_DYNAMIC,
@@ -129,16 +130,11 @@ def _calibration_samples(model: keras.Model, data: np.ndarray | None,
             "--calibration_data=SPEC with the task's dataset spec "
             "(digits:5-9, folder:PATH, tfds:NAME), or "
             "--calibration_dataset=train.npz.")
-    data = np.asarray(data, dtype=np.float32)
-    expected = tuple(model.input_shape[1:])
-    if data.shape[1:] != expected:
-        raise ExportError(
-            f"Calibration data has sample shape {data.shape[1:]}, the model "
-            f"expects {expected}. Preprocess it as for training.")
+    data = check_inputs(data, model, "Calibration data")
     if count < 1:
         raise ExportError(f"calibration_samples must be >= 1; got {count}.")
     order = np.random.default_rng(0).permutation(len(data))[:count]
-    return data[np.sort(order)]
+    return data[np.sort(order)].astype(np.float32)
 
 
 def anchor_pixel_range(samples: np.ndarray) -> np.ndarray:
@@ -181,8 +177,10 @@ def convert(model: keras.Model, preset: Preset | str,
         The `.tflite` flatbuffer.
 
     Raises:
-        ExportError: Missing or mis-shaped calibration data, a model with
-            several inputs/outputs, or a model still holding KM layers.
+        ExportError: Missing or malformed calibration data (see
+            `km_tf.export.data.check_inputs`: dtype, shape, finite values,
+            pixel range), a model with several inputs/outputs, or a model
+            still holding KM layers.
         ValueError: An unknown preset.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -322,13 +320,16 @@ def export_model(model: keras.Model, preset: Preset | str,
         An `ExportResult`.
 
     Raises:
-        ExportError: Bad input (see `convert`).
+        ExportError: Bad input (see `convert`) or malformed held-out data
+            (`km_tf.export.data.check_heldout`). Both are checked before
+            anything is converted or written.
         km_tf.export.micro.MicroRuntimeError: A micro model with ops TFLite Micro
             lacks, or TFLite Micro failed on it.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_single_io(model)
+    _check_writable(Path(output_dir))
+    heldout = check_heldout(heldout, model, parity_samples)
     stem = f"{name}_{preset.name}"
     start = time.perf_counter()
     model_bytes = convert(model, preset, calibration_data,
@@ -340,6 +341,8 @@ def export_model(model: keras.Model, preset: Preset | str,
             f"The {preset.name!r} model still computes in float at "
             f"{graph.float_ops_on_path()}; an op of this model has no int8 "
             "kernel. Replace that layer in the base network.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     tflite_path = output_dir / f"{stem}.tflite"
     write_atomically(str(tflite_path), model_bytes)
     report: dict[str, Any] = {
@@ -358,8 +361,6 @@ def export_model(model: keras.Model, preset: Preset | str,
     extra_paths: tuple[Path, ...] = ()
     if heldout is not None:
         x, y = heldout
-        x = np.asarray(x, np.float32)[:parity_samples]
-        y = None if y is None else np.asarray(y)[:parity_samples]
         logging.info("Parity of %s on %d held-out samples.", stem, len(x))
         report["parity"] = parity(model, lite, x, y)
     else:
@@ -384,6 +385,18 @@ def export_model(model: keras.Model, preset: Preset | str,
     logging.info("Wrote %s (%d bytes).", tflite_path, len(model_bytes))
     return ExportResult(tflite_path, report_path, text_path, report,
                         extra_paths)
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuses an output folder this process cannot write, before the
+    (long) conversion."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"Cannot write into {str(existing)!r} (permission denied): pass "
+            "an --output_dir this user can write.")
 
 
 def write_summary(reports: Sequence[dict[str, Any]],
