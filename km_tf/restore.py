@@ -14,7 +14,6 @@ a model (evaluation, export, tuning, benchmarks) calls this one function.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -22,8 +21,8 @@ import keras
 
 from km_tf.convert import clone_layers, modulate
 from km_tf.task_header import TaskFileError, TaskHeader
-from km_tf.tasks import (PathLike, first_layout_difference, layer_layout,
-                         load_task, read_task_header)
+from km_tf.tasks import (PathLike, config_as_json, first_layout_difference,
+                         layer_layout, load_task, read_task_header)
 from km_tf.walk import (ROLE_FROZEN, is_convolution, walk_layers,
                         weighted_layers)
 
@@ -157,6 +156,5 @@ def _with_heads(base: keras.Model,
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A layer config as JSON types, without keys that change nothing."""
-    plain = json.loads(json.dumps(config, default=str))
-    return {key: value for key, value in plain.items()
+    return {key: value for key, value in config_as_json(config).items()
             if key not in _UNCOMPARED_CONFIG_KEYS}

@@ -49,7 +49,8 @@ from km_tf.walk import (ROLE_BATCHNORM, ROLE_FROZEN, ROLE_HEAD,
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "TaskFileError", "TaskHeader",
            "TaskReport", "TaskVariable", "base_fingerprint", "layer_layout",
            "load_task", "read_task_header", "read_task_options", "save_task",
-           "task_report", "task_variables", "write_atomically"]
+           "task_report", "task_variables", "write_atomically",
+           "config_as_json"]
 
 _HEADER_KEY = "header"
 # modulate() options that must agree between a task file and a model; which
@@ -148,7 +149,7 @@ def layer_layout(model: keras.Model) -> list[dict[str, Any]]:
         layout.append({
             "path": path, "class": plain.__name__, "role": role,
             "shapes": [list(weight.shape) for weight in weights],
-            "config": _json_ready(layer.get_config()) if role == ROLE_HEAD
+            "config": config_as_json(layer.get_config()) if role == ROLE_HEAD
             else None,
         })
     return layout
@@ -531,8 +532,9 @@ def _describe(entry: dict[str, Any], roles: bool) -> str:
     return f"{entry['class']} [{shapes}]{role}"
 
 
-def _json_ready(value: Any) -> Any:
-    """A Keras config as plain JSON types (tuples become lists)."""
+def config_as_json(value: Any) -> Any:
+    """A Keras config as the task header stores it: plain JSON types
+    (tuples become lists, NumPy values Python ones)."""
     return json.loads(json.dumps(value, default=_json_default))
 
 
