@@ -59,3 +59,8 @@ class MicroRuntimeError(KMError, RuntimeError):
 
 class MicroArenaTooSmallError(MicroRuntimeError):
     """The tensor arena given to TFLite Micro cannot hold the model."""
+
+
+class PackError(KMError, ValueError):
+    """A task pack, plan or template that cannot be applied: wrong or
+    corrupt file, or files that do not belong together."""

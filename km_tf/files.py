@@ -17,8 +17,10 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import keras
+if TYPE_CHECKING:  # Only a type: this module also runs on devices
+    import keras   # without TensorFlow (km_tf.deploy.applier).
 
 TEMPORARY_PREFIX = ".tmp-"
 # Temporaries older than this are a killed writer's, never a live one's.

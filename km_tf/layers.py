@@ -273,8 +273,20 @@ class _KernelModulatedMixin:
         raise NotImplementedError
 
     def modulated_kernel(self):
-        """The modulated kernel in float32, as `bake()` writes it."""
-        return self.modulator(self._kernel)
+        """The modulated kernel as `bake()` writes it: float32, computed in
+        float64 and rounded once.
+
+        The device-side pack applier (`km_tf/deploy/applier.py`,
+        `tflite/packs/km_apply.c`) does the same float64 arithmetic, so the
+        kernels it computes on a device equal `bake`'s bit for bit
+        (`tflite/packs/FORMAT.md`).
+        """
+        modulator = self.modulator
+        weights = (modulator.hidden_kernel, modulator.hidden_bias,
+                   modulator.output_kernel, modulator.output_bias)
+        return tf.cast(modulate_kernel(
+            *(tf.cast(tf.convert_to_tensor(w), tf.float64)
+              for w in (self._kernel, *weights))), tf.float32)
 
     # Save the frozen kernel (not the modulated one, as BaseConv would for
     # LoRA); the modulator's weights are saved as the sublayer's own state.

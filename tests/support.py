@@ -45,3 +45,26 @@ def random_images(n=8, shape=(16, 16, 3), seed=0) -> np.ndarray:
 
 def random_labels(n=8, num_classes=3, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, num_classes, n)
+
+
+def packable_convnet(input_shape=(16, 16, 3), num_classes=3,
+                     name="packable_convnet") -> keras.Model:
+    """A small MobileNet-like ConvNet that task packs can patch: BatchNorm
+    after every convolution but the last, which has its own bias; no
+    dilation (TFLite lowers a dilated convolution to several ops)."""
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False,
+                            name="stem")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same",
+                                     use_bias=False, name="dw")(x)
+    x = keras.layers.BatchNormalization(name="dw_bn")(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.Conv2D(12, 1, use_bias=False, name="project")(x)
+    x = keras.layers.BatchNormalization(name="project_bn")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", name="mix")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, name="head")(x)
+    return keras.Model(inputs, outputs, name=name)

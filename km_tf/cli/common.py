@@ -22,7 +22,9 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from km_tf import data, distribute, files, models, training
+from km_tf import data, distribute, export, files, models, training
+from km_tf.export import data as export_data
+from km_tf.export.presets import DEFAULT_CALIBRATION_SAMPLES
 from km_tf.errors import KMError, ResumeError
 
 FLAGS = flags.FLAGS
@@ -71,6 +73,43 @@ def define_data_flags(*, pretrain_epochs: int) -> None:
                          "the images that decode and warn about the others "
                          "(default: refuse the folder, naming them).")
     flags.DEFINE_integer("seed", 0, "Seed of weights, splits and shuffling.")
+
+
+def define_export_data_flags() -> None:
+    """Calibration and held-out data of an export (km-export, km-export-packs)."""
+    flags.DEFINE_string("calibration_data", None,
+                        "Dataset spec of the task's data, as in training (e.g. "
+                        "digits:5-9, folder:PATH, tfds:NAME): int8 calibration "
+                        "from its training split, parity on its test split.")
+    flags.DEFINE_integer("seed", 0, "--calibration_data: the training run's "
+                         "--seed (it chose the split).")
+    flags.DEFINE_string("data_dir", None, "tensorflow-datasets data folder.")
+    flags.DEFINE_string("calibration_dataset", None,
+                        "Instead of --calibration_data: an .npz with model "
+                        "inputs (RGB pixels in [0, 255] for km-tf models): "
+                        "x_train (calibration) and optionally y_train, x_test, "
+                        "y_test (held-out parity).")
+    flags.DEFINE_integer("calibration_samples",
+                         DEFAULT_CALIBRATION_SAMPLES,
+                         "Training samples that calibrate int8 quantization.")
+    flags.DEFINE_integer("parity_samples", export.DEFAULT_PARITY_SAMPLES,
+                         "Held-out samples for the float-vs-TFLite checks.")
+
+
+def export_data_from_flags(model: keras.Model
+                           ) -> export_data.ExportData | None:
+    """The calibration / held-out data the export data flags name, or None."""
+    if FLAGS.calibration_data and FLAGS.calibration_dataset:
+        raise ValueError("Pass --calibration_data or "
+                         "--calibration_dataset, not both.")
+    if FLAGS.calibration_dataset:
+        return export_data.from_npz(FLAGS.calibration_dataset)
+    if FLAGS.calibration_data:
+        return export_data.from_spec(
+            FLAGS.calibration_data, model, seed=FLAGS.seed,
+            calibration_samples=FLAGS.calibration_samples,
+            parity_samples=FLAGS.parity_samples, data_dir=FLAGS.data_dir)
+    return None
 
 
 def define_strategy_flags() -> None:

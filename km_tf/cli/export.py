@@ -22,10 +22,8 @@ from absl import flags, logging
 
 from km_tf import export, models
 from km_tf.cli import common
-from km_tf.export import data as export_data
 from km_tf.export.micro import BOARDS, DEFAULT_BOARDS
-from km_tf.export.presets import (DEFAULT_CALIBRATION_SAMPLES,
-                                  INTEGER_IO_TYPES, PRESETS, get_preset)
+from km_tf.export.presets import INTEGER_IO_TYPES, PRESETS, get_preset
 
 # Inputs.
 flags.DEFINE_string("base", None, "The base network's .keras file (the plain "
@@ -33,18 +31,7 @@ flags.DEFINE_string("base", None, "The base network's .keras file (the plain "
 flags.DEFINE_multi_string("task", [], "A task file from km_tf.save_task; "
                           "repeat for several tasks (one .tflite each). "
                           "Omit to export the base itself.")
-flags.DEFINE_string("calibration_data", None,
-                    "Dataset spec of the task's data, as in training (e.g. "
-                    "digits:5-9, folder:PATH, tfds:NAME): int8 calibration "
-                    "from its training split, parity on its test split.")
-flags.DEFINE_integer("seed", 0, "--calibration_data: the training run's "
-                     "--seed (it chose the split).")
-flags.DEFINE_string("data_dir", None, "tensorflow-datasets data folder.")
-flags.DEFINE_string("calibration_dataset", None,
-                    "Instead of --calibration_data: an .npz with model "
-                    "inputs (RGB pixels in [0, 255] for km-tf models): "
-                    "x_train (calibration) and optionally y_train, x_test, "
-                    "y_test (held-out parity).")
+common.define_export_data_flags()
 # Conversion.
 flags.DEFINE_enum("preset", "float32", sorted(PRESETS),
                   "; ".join(f"{p.name}: {p.summary}"
@@ -52,10 +39,6 @@ flags.DEFINE_enum("preset", "float32", sorted(PRESETS),
 flags.DEFINE_enum("io_type", None, list(INTEGER_IO_TYPES),
                   "Input/output type of the int8/micro presets (default: "
                   "the preset's; edgetpu is always uint8).")
-flags.DEFINE_integer("calibration_samples", DEFAULT_CALIBRATION_SAMPLES,
-                     "Training samples that calibrate int8 quantization.")
-flags.DEFINE_integer("parity_samples", export.DEFAULT_PARITY_SAMPLES,
-                     "Held-out samples for the float-vs-TFLite parity check.")
 # Outputs.
 flags.DEFINE_string("output_dir", None, "Folder for models and reports.")
 flags.DEFINE_list("boards", list(DEFAULT_BOARDS),
@@ -64,22 +47,6 @@ flags.DEFINE_list("boards", list(DEFAULT_BOARDS),
 flags.DEFINE_string("c_symbol", "model",
                     "micro: C name of the model array in the generated source.")
 flags.mark_flags_as_required(["base", "output_dir"])
-
-
-def _export_data(model) -> export_data.ExportData | None:
-    """The calibration / parity data the flags name, or None."""
-    if flags.FLAGS.calibration_data and flags.FLAGS.calibration_dataset:
-        raise ValueError("Pass --calibration_data or "
-                         "--calibration_dataset, not both.")
-    if flags.FLAGS.calibration_dataset:
-        return export_data.from_npz(flags.FLAGS.calibration_dataset)
-    if flags.FLAGS.calibration_data:
-        return export_data.from_spec(
-            flags.FLAGS.calibration_data, model, seed=flags.FLAGS.seed,
-            calibration_samples=flags.FLAGS.calibration_samples,
-            parity_samples=flags.FLAGS.parity_samples,
-            data_dir=flags.FLAGS.data_dir)
-    return None
 
 
 def main(argv):
@@ -94,7 +61,7 @@ def main(argv):
         model = export.load_baked_task(base, task) if task else base
         shapes = (model.input_shape, model.output_shape)
         if shapes not in data_for:
-            data_for[shapes] = _export_data(model)
+            data_for[shapes] = common.export_data_from_flags(model)
         data = data_for[shapes]
         result = export.export_model(
             model, preset, flags.FLAGS.output_dir, name,
