@@ -31,7 +31,6 @@ Writes `<output>.json` and `<output>.md` (default bench/results/packs.*).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -79,11 +78,6 @@ flags.DEFINE_integer("latency_rounds", 5,
                      "Interleaved applied / converter-export rounds.")
 flags.DEFINE_integer("threads", 1, "LiteRT threads (both models).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_bool("patch_int8_rounding", True,
-                  "If km_tf's applier rounds int8 weights and biases "
-                  "differently from the converter (a probe checks), use the "
-                  "converter's float32 arithmetic for this run (recorded in "
-                  "the results); --nopatch_int8_rounding shows the failure.")
 flags.DEFINE_string("output", str(RESULTS / "packs"),
                     "Results path stem (.json and .md are written).")
 
@@ -105,7 +99,6 @@ class Config:
     latency_rounds: int = 5
     threads: int = 1
     seed: int = 0
-    patch_int8_rounding: bool = True
 
 
 # ------------------------------------------------------------ base and tasks
@@ -178,92 +171,6 @@ def make_task(base: keras.Model, config: Config, batchnorm: str,
     head.set_weights([rng.normal(0.0, 0.05, w.shape).astype(np.float32)
                       for w in head.get_weights()])
     return task
-
-
-# ------------------------------------------- int8 rounding (workaround probe)
-
-# A float32 kernel channel [peak, w] where w / scale is 72.5 in float32
-# (the converter: 73) but 72.49999... in float64.
-_TIE_PEAK, _TIE_WEIGHT = 0x3F0F8611, 0x3EA3DD9A
-
-
-def applier_rounds_like_converter() -> bool:
-    """Whether km_tf's applier quantizes the tie case the converter's way.
-
-    The TFLite converter quantizes int8 weights as `round(w * (1 / s))` and
-    biases as `round(b * (1 / (s * s_in)))` in float32 (half away from
-    zero); a float64 division rounds some ties and near-ties the other way.
-    """
-    channel = np.array([[_TIE_PEAK, _TIE_WEIGHT]], np.uint32).view(
-        np.float32)
-    q, _ = applier.quantize_per_channel(channel, 0)
-    return int(q[0, 1]) == 73
-
-
-def _round_half_away(values: np.ndarray) -> np.ndarray:
-    values = values.astype(np.float64)  # exact: float32 -> float64
-    return np.sign(values) * np.floor(np.abs(values) + 0.5)
-
-
-def converter_quantize_per_channel(kernel: np.ndarray, channel_axis: int
-                                   ) -> tuple[np.ndarray, np.ndarray]:
-    """`applier.quantize_per_channel` with the converter's float32
-    `w * (1 / scale)`."""
-    moved = np.moveaxis(kernel, channel_axis, 0)
-    peak = np.abs(moved.reshape(len(moved), -1)).max(axis=1).astype(
-        np.float64)
-    scales = (np.maximum(peak, applier.MIN_QUANTIZATION_RANGE)
-              / 127).astype(np.float32)
-    shape = [1] * kernel.ndim
-    shape[channel_axis] = -1
-    inverse = (np.float32(1.0) / scales).reshape(shape)
-    q = _round_half_away(kernel.astype(np.float32) * inverse)
-    return np.clip(q, -127, 127).astype(np.int8), scales
-
-
-def converter_encode_weights(weight_type, kernel, bias, channel_axis,
-                             input_scale=None, *, _original):
-    """`applier.encode_weights` with the converter's float32 bias
-    arithmetic `b * (1 / (scale * input_scale))`."""
-    if weight_type != "int8" or input_scale is None:
-        return _original(weight_type, kernel, bias, channel_axis,
-                         input_scale)
-    q, scales = converter_quantize_per_channel(kernel, channel_axis)
-    bias_scales = (scales * np.float32(input_scale)).astype(np.float32)
-    bias_q = _round_half_away(np.asarray(bias, np.float32)
-                              * (np.float32(1.0) / bias_scales))
-    limits = np.iinfo(np.int32)
-    return applier.EncodedWeights(
-        q, np.clip(bias_q, limits.min, limits.max).astype("<i4"),
-        scales.astype("<f4"), bias_scales.astype("<f4"))
-
-
-@contextlib.contextmanager
-def int8_rounding(patch: bool):
-    """Yields the workaround applied (a description) or None; restores
-    km_tf's applier afterwards."""
-    if not patch or applier_rounds_like_converter():
-        yield None
-        return
-    original_quantize = applier.quantize_per_channel
-    original_encode = applier.encode_weights
-
-    def encode(*args, **kwargs):
-        return converter_encode_weights(*args, **kwargs,
-                                        _original=original_encode)
-
-    applier.quantize_per_channel = converter_quantize_per_channel
-    applier.encode_weights = encode
-    try:
-        yield ("km_tf.deploy.applier rounds int8 weights as float64 "
-               "round(w / s) and biases as round(b / (s * s_in)); the "
-               "converter computes float32 w * (1 / s) and b * (1 / (s * "
-               "s_in)), so exact ties and near-ties differ (template refused "
-               "by build_plan). This run patched quantize_per_channel and "
-               "encode_weights to the converter's arithmetic (bench/packs.py)")
-    finally:
-        applier.quantize_per_channel = original_quantize
-        applier.encode_weights = original_encode
 
 
 # ----------------------------------------------------------------- measuring
@@ -416,17 +323,12 @@ def measure(config: Config, workdir: str | os.PathLike | None = None
         "date": time.strftime("%Y-%m-%d"),
         "base_params": int(base.count_params()),
         "pack_target": PACK_TARGET,
-        "workarounds": [],
         "presets": {},
     }
-    with int8_rounding(config.patch_int8_rounding) as workaround:
-        if workaround:
-            logging.warning("Workaround: %s.", workaround)
-            results["workarounds"].append(workaround)
-        for preset in config.presets:
-            results["presets"][preset] = measure_preset(
-                base, preset, tasks, calibration, sample,
-                workdir / preset, config)
+    for preset in config.presets:
+        results["presets"][preset] = measure_preset(
+            base, preset, tasks, calibration, sample, workdir / preset,
+            config)
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 
@@ -497,8 +399,6 @@ def markdown(results: dict[str, Any]) -> str:
         "task). Whole files byte-identical, names included: "
         f"{', '.join(identical) or 'none'}.",
     ]
-    for workaround in results["workarounds"]:
-        lines += ["", f"Workaround: {workaround}."]
     return "\n".join(lines) + "\n"
 
 
@@ -511,8 +411,7 @@ def config_from_flags() -> Config:
         hidden_units=flag.hidden_units,
         calibration_samples=flag.calibration_samples, repeats=flag.repeats,
         latency_runs=flag.latency_runs, latency_rounds=flag.latency_rounds,
-        threads=flag.threads, seed=flag.seed,
-        patch_int8_rounding=flag.patch_int8_rounding)
+        threads=flag.threads, seed=flag.seed)
 
 
 def main(argv):

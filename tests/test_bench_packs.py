@@ -1,6 +1,5 @@
 """bench/packs.py on a tiny config: the result structure and its checks."""
 
-import numpy as np
 
 import packs  # bench/packs.py; bench/ is on pytest's pythonpath.
 
@@ -26,12 +25,3 @@ def test_tiny_packs_bench_measures_size_switch_and_latency(tmp_path):
     markdown = packs.markdown(results)
     assert markdown.count("| yes |") == 2
     assert "| int8 | train |" in markdown
-
-
-def test_probe_finds_the_converters_rounding_tie():
-    channel = np.array([[packs._TIE_PEAK, packs._TIE_WEIGHT]],
-                       np.uint32).view(np.float32)
-    q, _ = packs.converter_quantize_per_channel(channel, 0)
-    assert q[0, 1] == 73  # what the TFLite converter writes
-    with packs.int8_rounding(True):
-        assert packs.applier_rounds_like_converter()

@@ -11,10 +11,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = {"km-train": "train", "km-evaluate": "evaluate",
-            "km-tune": "tune", "km-export": "export"}
+            "km-tune": "tune", "km-export": "export",
+            "km-export-packs": "export_packs"}
 # A flag each program's help must list.
 KEY_FLAG = {"km-train": "--output_dir", "km-evaluate": "--task",
-            "km-tune": "--max_task_percent", "km-export": "--calibration_data"}
+            "km-tune": "--max_task_percent", "km-export": "--calibration_data",
+            "km-export-packs": "--plan_kernels"}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,7 @@ def test_wheel_holds_every_library_module_and_the_programs(installed):
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     for program, module in PROGRAMS.items():
         assert f"{program} = km_tf.cli.{module}:run" in text
+    assert "km-apply-pack = km_tf.deploy.apply_program:run" in text
     assert not any(name.startswith(("apps/", "tflite/", "bench/", "tests/"))
                    for name in names)
 
@@ -68,3 +71,17 @@ def test_program_help_works_from_another_directory(installed, tmp_path,
     assert KEY_FLAG[program] in result.stdout
     assert program in result.stdout  # The program's docstring.
     assert "Traceback" not in result.stderr
+
+
+def test_apply_program_help_needs_no_tensorflow(installed, tmp_path):
+    """`km-apply-pack` (argparse, numpy only) from the installed wheel."""
+    _, site = installed
+    code = ("import sys; sys.argv = ['km-apply-pack', '--help']; "
+            "from km_tf.deploy.apply_program import run; run()")
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", code], cwd=tmp_path, text=True,
+        capture_output=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(site)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "km-apply-pack" in result.stdout and "--plan" in result.stdout
+    assert "tensorflow" not in result.stderr.lower()

@@ -56,11 +56,11 @@ def setup(tmp_path_factory):
             "calibration": x[:200], "heldout": x[200:500]}
 
 
-def _export(setup, preset, base_kernels):
-    out = setup["root"] / f"{preset}_{'exact' if base_kernels else 'compact'}"
+def _export(setup, preset, plan_kernels):
+    out = setup["root"] / f"{preset}_{plan_kernels}"
     template = deploy.export_template(
         setup["base"], preset, out, "base", classes=TEMPLATE_CLASSES,
-        calibration_data=setup["calibration"], base_kernels=base_kernels)
+        calibration_data=setup["calibration"], plan_kernels=plan_kernels)
     packs = [deploy.export_pack(setup["base"], task, template, out,
                                 task.stem, calibration_data=setup[
                                     "calibration"], heldout=setup["heldout"])
@@ -71,13 +71,16 @@ def _export(setup, preset, base_kernels):
 @pytest.fixture(scope="module")
 def exact(setup):
     """Preset -> (template, pack results), plans with base kernels."""
-    return {preset: _export(setup, preset, True) for preset in PRESETS}
+    return {preset: _export(setup, preset, "float32") for preset in PRESETS}
 
 
 @pytest.fixture(scope="module")
 def compact(setup):
-    return {preset: _export(setup, preset, False)
-            for preset in ("int8", "micro")}
+    """(preset, plan kernels) -> (template, pack results), for plans
+    without the float32 base kernels."""
+    return {(preset, kernels): _export(setup, preset, kernels)
+            for preset in ("int8", "micro") for kernels in ("residual",
+                                                              "none")}
 
 
 def _applied(template, result):
@@ -117,33 +120,52 @@ def test_float_pack_runs_like_the_tasks_own_export(setup, exact, preset):
         np.testing.assert_array_equal(outputs[:, classes:], 0.0)
 
 
+# Least top-1 agreement with the task's export on held-out images, by what
+# the plan holds (ties in the int8 outputs count for either class). With
+# residuals: 0.997-1.0 per task over 4 trainings of this tiny net; without
+# kernels: 0.93-1.0, below issue 14's 99% (BUILD.md, "Task packs").
+COMPACT_AGREEMENT = {"residual": 0.99, "none": 0.9}
+
+
+@pytest.mark.parametrize("kernels", sorted(COMPACT_AGREEMENT))
 @pytest.mark.parametrize("preset", ("int8", "micro"))
-def test_compact_plan_agrees_on_heldout_images(setup, compact, preset):
-    template, results = compact[preset]
-    assert not template.plan.has_base_kernels
+def test_compact_plan_agrees_on_heldout_images(setup, compact, preset,
+                                               kernels):
+    template, results = compact[preset, kernels]
+    assert template.plan.kernels == kernels
     x = setup["heldout"]
     for result in results:
         classes = result.report["classes"]
         applied = LiteRTModel(_applied(template, result)).predict(x)
         reference = LiteRTModel(result.reference_tflite).predict(x)
-        agreement = np.mean(applied[:, :classes].argmax(-1)
-                            == reference[:, :classes].argmax(-1))
-        # Measured 0.98-1.0 on this tiny, briefly trained net (issue 14
-        # asks for 0.99; BUILD.md, "Task packs").
-        assert agreement >= 0.97, (result.pack_path.name, agreement)
+        agreement = deploy.top1_agreement(applied[:, :classes],
+                                          reference[:, :classes])
+        assert agreement >= COMPACT_AGREEMENT[kernels], (
+            result.pack_path.name, agreement)
+
+
+def test_residual_plan_is_the_size_of_the_templates_weights(compact):
+    template, _ = compact["int8", "residual"]
+    weights = sum(layer.kernel_size for layer in template.plan.layers)
+    plan_bytes = template.plan_path.stat().st_size
+    assert weights < plan_bytes < weights + 4 * weights // 10 + 4096
 
 
 def test_micro_pack_runs_in_tflite_micro(setup, exact):
+    """The applied model in the real TFLite Micro interpreter gives what the
+    task's own micro export gives there, to the last quantized unit."""
     template, results = exact["micro"]
     lite = LiteRTModel(template.template_bytes)
     xq = lite.quantize_input(setup["heldout"][:16])
     for result in results:
-        applied = _applied(template, result)
-        micro = run_micro(applied, xq).outputs
-        expected = LiteRTModel(result.reference_tflite,
-                               reference_kernels=True).run_raw(xq)
-        np.testing.assert_array_equal(micro.reshape(expected.shape),
-                                      expected)
+        applied = run_micro(_applied(template, result), xq).outputs
+        reference = run_micro(result.reference_tflite, xq).outputs
+        np.testing.assert_array_equal(applied, reference)
+        # LiteRT's reference kernels agree within one unit (seen: 1 of 64).
+        lite_outputs = LiteRTModel(result.reference_tflite,
+                                   reference_kernels=True).run_raw(xq)
+        assert np.max(np.abs(applied.reshape(lite_outputs.shape).astype(int)
+                             - lite_outputs)) <= 1
 
 
 def test_packs_are_a_small_share_of_a_task_tflite(exact):
@@ -151,6 +173,16 @@ def test_packs_are_a_small_share_of_a_task_tflite(exact):
         for result in results:
             assert result.report["pack_bytes"] < 0.2 * len(
                 result.reference_tflite), (preset, result.report)
+
+
+def test_int8_weights_round_like_the_converter_at_a_tie():
+    """A MobileNetV2 weight where w / scale is 72.49999... in float64 but
+    the converter's float32 w * (1 / scale) is 72.5: the converter writes
+    73 (found by bench/packs.py at 224 px)."""
+    peak, weight = np.array([0x3F0F8611, 0x3EA3DD9A], np.uint32).view(
+        np.float32)
+    q, _ = applier.quantize_per_channel(np.array([[peak, weight]]), 0)
+    assert q[0, 1] == 73
 
 
 def test_pack_dtypes_round_trip_as_stored():

@@ -29,10 +29,11 @@ from support import packable_convnet
 from test_export import digits, fit
 
 TEMPLATE_CLASSES = 5
-# case -> (preset, the plan holds the base kernels)
-CASES = {"micro-compact": ("micro", False), "micro-exact": ("micro", True),
-         "float32-exact": ("float32", True),
-         "float16-compact": ("float16", False)}
+# case -> (preset, what the plan holds of the base kernels)
+CASES = {"micro-compact": ("micro", "none"), "micro-exact": ("micro", "float32"),
+         "micro-residual": ("micro", "residual"),
+         "float32-exact": ("float32", "float32"),
+         "float16-compact": ("float16", "none")}
 # (seed, digits, modulate options): a task with per-task BatchNorm and one
 # that keeps the base's.
 TASKS = ((1, [5, 6, 7], {}), (2, [8, 9], {"batchnorm": "freeze"}))
@@ -77,13 +78,13 @@ def case(trained):
 
     def get(name):
         if name not in cache:
-            preset, base_kernels = CASES[name]
+            preset, plan_kernels = CASES[name]
             out = trained["root"] / name
             files = export.export_template(
                 trained["base"], preset, out, "base",
                 classes=TEMPLATE_CLASSES,
                 calibration_data=trained["calibration"],
-                base_kernels=base_kernels)
+                plan_kernels=plan_kernels)
             packs = []
             for index, (task_path, calibration, _) in enumerate(
                     trained["tasks"]):
@@ -153,7 +154,10 @@ def synthetic(weight_type, exact, storage, seed=0):
                                  if int8 else 0),
             bias_scale_offset=(place(encoded.bias_scales.tobytes())
                                if int8 else 0),
-            base_kernel=kernel if exact else None))
+            base_kernel=kernel if exact is True else None,
+            kernel_residual=(rng.integers(-127, 128, layer.template_shape)
+                             .astype(np.int8) if exact == "residual"
+                             else None)))
         modulator = None
         if unit_axes:
             units = int(np.prod(shape[:unit_axes]))
@@ -198,8 +202,9 @@ STORAGE = {"f32": ("float32",) * 3, "f16": ("float16",) * 3,
 
 
 @pytest.mark.parametrize("storage", sorted(STORAGE))
-@pytest.mark.parametrize("exact", [True, False], ids=["exact", "compact"])
-@pytest.mark.parametrize("weight_type", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("weight_type, exact", [
+    *((w, e) for w in ("float32", "float16", "int8") for e in (True, False)),
+    ("int8", "residual")])
 def test_synthetic_large_layers_equal_the_python_applier(lib, weight_type,
                                                          exact, storage):
     template, plan, pack = synthetic(weight_type, exact, STORAGE[storage])
@@ -208,7 +213,8 @@ def test_synthetic_large_layers_equal_the_python_applier(lib, weight_type,
     middle = time.perf_counter()
     c = c_applier.apply(lib, template, plan, pack)
     end = time.perf_counter()
-    print(f"\n{weight_type} {'exact' if exact else 'compact'} {storage}: "
+    mode = {True: "exact", False: "compact"}.get(exact, exact)
+    print(f"\n{weight_type} {mode} {storage}: "
           f"{len(template):,} B template, Python {1e3 * (middle - start):.1f}"
           f" ms, C {1e3 * (end - middle):.1f} ms")
     changed = np.frombuffer(c, np.uint8) != np.frombuffer(template, np.uint8)
@@ -299,7 +305,7 @@ def test_c_output_equals_the_python_applier(lib, case, name):
             diff = sum(a != b for a, b in zip(c, python))
             pytest.fail(f"{name} {result.pack_path.name}: {diff} bytes "
                         f"differ, the first at {first}")
-        if CASES[name][1]:  # Exact mode: the converter's export itself
+        if CASES[name][1] == "float32":  # Exact mode: the converter's export itself
             # (up to tensor names, which carry per-process suffixes).
             assert first_difference(c, result.reference_tflite) is None
         else:
@@ -526,7 +532,7 @@ def test_phone_path(lib, case, trained, name):
         classes = result.report["classes"]
         ours = _run(out, images)[:, :classes]
         reference = _run(result.reference_tflite, images)[:, :classes]
-        if CASES[name][1]:
+        if CASES[name][1] == "float32":
             np.testing.assert_array_equal(ours, reference)
         else:
             agreement = np.mean(ours.argmax(-1) == reference.argmax(-1))

@@ -27,6 +27,7 @@ from km_tf import models
 from km_tf.restore import restore_task
 from km_tf.cli import common
 from km_tf.deploy import export as deploy
+from km_tf.deploy.formats import PLAN_KERNELS
 from km_tf.export.presets import INTEGER_IO_TYPES, PRESETS, get_preset
 from km_tf.files import write_atomically
 
@@ -46,10 +47,12 @@ flags.DEFINE_integer("classes", None, "Outputs of the template's head: the "
 flags.DEFINE_string("template", None, "An existing template .tflite (with "
                     "its .kmplan and .template.json): write packs for it "
                     "instead of a new template.")
-flags.DEFINE_boolean("base_kernels", True, "Store the float32 base kernels "
-                     "in the plan (exact packs). --nobase_kernels keeps the "
-                     "plan small (microcontrollers): the applier starts from "
-                     "the template's rounded weights.")
+flags.DEFINE_enum("plan_kernels", "float32", list(PLAN_KERNELS),
+                  "What the plan holds of the base kernels: float32 (exact "
+                  "packs; plan ~4x the int8 weights), residual (int8 "
+                  "templates, e.g. microcontrollers: one byte per weight "
+                  "refines the template's weights) or none (smallest plan; "
+                  "the applier starts from the template's rounded weights).")
 common.define_export_data_flags()
 flags.DEFINE_string("output_dir", None, "Folder for the template, the packs "
                     "and the report.")
@@ -77,7 +80,7 @@ def main(argv: list[str]) -> None:
             base, get_preset(FLAGS.preset, FLAGS.io_type), output_dir,
             Path(FLAGS.base).stem, classes=classes,
             calibration_data=None if data is None else data.calibration,
-            base_kernels=FLAGS.base_kernels)
+            plan_kernels=FLAGS.plan_kernels)
     info = json.loads(template.info_path.read_text())
     packs = []
     for task, task_model in tasks.items():
@@ -105,7 +108,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"template {template['tflite']}: {template['tflite_bytes']:,} bytes "
         f"(preset {template['preset']}, {template['classes']} classes); plan "
         f"{template['plan']}: {template['plan_bytes']:,} bytes "
-        f"({'exact: base kernels' if template['base_kernels'] else 'compact'})",
+        f"(base kernels: {template['plan_kernels']})",
     ]
     for pack in report["packs"]:
         line = (f"  {pack['pack']}: {pack['pack_bytes']:,} bytes = "

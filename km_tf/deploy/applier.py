@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from km_tf.deploy.formats import (KIND_DEPTHWISE, LayerPack, LayerPlan,
-                                  Pack, Plan, crc32, read_pack, read_plan)
+from km_tf.deploy.formats import (KIND_DEPTHWISE, RESIDUAL_STEPS,
+                                  LayerPack, LayerPlan, Pack, Plan, crc32,
+                                  read_pack, read_plan)
 from km_tf.errors import PackError
 from km_tf.files import existing_file, write_atomically
 
@@ -119,8 +120,9 @@ def base_kernel(template: bytes, weight_type: str,
     """The layer's float32 base kernel in Keras layout.
 
     From the plan when it holds the base kernels (exact mode); otherwise
-    the template's own folded kernel, dequantized and divided by the base's
-    BatchNorm multiplier (compact mode).
+    the template's own folded kernel, dequantized (refined by the plan's
+    residuals when it has them) and divided by the base's BatchNorm
+    multiplier (compact mode).
     """
     if layer.base_kernel is not None:
         return layer.base_kernel
@@ -128,7 +130,15 @@ def base_kernel(template: bytes, weight_type: str,
     if weight_type == "int8":
         q = _read(template, layer.kernel_offset, np.int8, count)
         scales = _read(template, layer.kernel_scale_offset, "<f4", layer.cout)
-        stored = _per_channel(layer, q.astype(np.float32), scales)
+        if layer.kernel_residual is None:
+            stored = _per_channel(layer, q.astype(np.float32), scales)
+        else:  # (q + r / 254) * scale in float64, as km_apply.c.
+            refined = (q.reshape(layer.template_shape).astype(np.float64)
+                       + layer.kernel_residual.astype(np.float64)
+                       / RESIDUAL_STEPS)
+            stored = _per_channel(layer, refined,
+                                  scales.astype(np.float64)).astype(
+                                      np.float32)
     else:
         dtype = "<f4" if weight_type == "float32" else "<f2"
         stored = _read(template, layer.kernel_offset, dtype, count).astype(
@@ -182,7 +192,10 @@ def padded_head(task: Pack, classes: int) -> tuple[np.ndarray, np.ndarray]:
 def quantize_per_channel(kernel: np.ndarray, channel_axis: int
                          ) -> tuple[np.ndarray, np.ndarray]:
     """int8 weights and float32 scales, one per output channel, as the
-    TFLite converter computes them (symmetric, `max |w| / 127`)."""
+    TFLite converter computes them: symmetric, `scale = max |w| / 127`,
+    `q = round(w * (1 / scale))` with the product in float32 (dividing, in
+    float64 or float32, rounds a few near-ties of MobileNetV2 the other
+    way; BUILD.md, "Task packs")."""
     moved = np.moveaxis(kernel, channel_axis, 0)
     peak = np.abs(moved.reshape(len(moved), -1)).max(axis=1).astype(
         np.float64)
@@ -190,16 +203,15 @@ def quantize_per_channel(kernel: np.ndarray, channel_axis: int
         np.float32)
     shape = [1] * kernel.ndim
     shape[channel_axis] = -1
-    q = _round_half_away(kernel.astype(np.float64)
-                         / scales.astype(np.float64).reshape(shape))
+    inverse = (np.float32(1.0) / scales).reshape(shape)
+    q = _round_half_away(kernel.astype(np.float32) * inverse)
     return np.clip(q, -_INT8_MAX, _INT8_MAX).astype(np.int8), scales
 
 
 def _round_half_away(values: np.ndarray) -> np.ndarray:
-    """`sign(x) * floor(|x| + 0.5)` in float64: ties away from zero, and
-    what reproduces the converter's int8 weights in the tests (C's
-    `round()` differs at 0.49999999999999994, which the converter rounds
-    up; `tflite/packs/km_apply.c` uses this formula too)."""
+    """Float32 values to the nearest integer, ties away from zero (C's
+    `round()`; exact in float64, which holds every float32 plus 0.5)."""
+    values = np.asarray(values, np.float64)
     return np.sign(values) * np.floor(np.abs(values) + 0.5)
 
 
@@ -230,12 +242,12 @@ def encode_weights(weight_type: str, kernel: np.ndarray, bias: np.ndarray,
         raise PackError("An int8 template needs each layer's input scale; "
                         "export the template and its plan again.")
     q, scales = quantize_per_channel(kernel, channel_axis)
-    input_scale = np.float32(input_scale)
-    bias_q = _round_half_away(bias.astype(np.float64) / (
-        scales.astype(np.float64) * float(input_scale)))
+    bias_scales = (scales * np.float32(input_scale)).astype(np.float32)
+    bias_q = _round_half_away(np.asarray(bias, np.float32)
+                              * (np.float32(1.0) / bias_scales))
     return EncodedWeights(
         q, np.clip(bias_q, _INT32.min, _INT32.max).astype("<i4"),
-        scales.astype("<f4"), (scales * input_scale).astype("<f4"))
+        scales.astype("<f4"), bias_scales.astype("<f4"))
 
 
 class _TemplateWriter:
@@ -287,7 +299,7 @@ def _per_channel(layer: LayerPlan, kernel: np.ndarray, factors: np.ndarray,
     axis = 3 if layer.kind == KIND_DEPTHWISE else 0
     shape = [1] * 4
     shape[axis] = -1
-    factors = np.asarray(factors, np.float32).reshape(shape)
+    factors = np.asarray(factors).reshape(shape)
     kernel = kernel.reshape(layer.template_shape)
     return kernel / factors if divide else kernel * factors
 

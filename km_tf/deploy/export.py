@@ -233,7 +233,7 @@ def export_template(base: keras.Model, preset: Preset | str,
                     output_dir: str | os.PathLike, name: str, *,
                     classes: int,
                     calibration_data: np.ndarray | None = None,
-                    base_kernels: bool = True) -> TemplateFiles:
+                    plan_kernels: str = "float32") -> TemplateFiles:
     """Converts the base once and writes the template, its plan and info.
 
     Args:
@@ -246,9 +246,12 @@ def export_template(base: keras.Model, preset: Preset | str,
             for it may have.
         calibration_data: Float model inputs; required by integer presets
             (the template's own calibration is overwritten by each pack).
-        base_kernels: Store the float32 base kernels in the plan (exact
-            mode). Without them (compact mode, e.g. for microcontrollers)
-            the applier starts from the template's rounded weights.
+        plan_kernels: What the plan holds of the base kernels:
+            `"float32"` (exact mode: the applier reproduces the converter),
+            `"residual"` (int8 templates: one int8 residual per weight that
+            refines the template's own weight 254-fold; the plan is as large
+            as the template's weights) or `"none"` (the applier starts from
+            the template's rounded weights). See `km_tf.deploy.formats`.
 
     Returns:
         The `TemplateFiles`.
@@ -264,7 +267,7 @@ def export_template(base: keras.Model, preset: Preset | str,
     model = template_model(base, classes)
     template = convert(model, preset, calibration_data)
     plan = build_plan(model, template, weight_type,
-                      base_kernels=base_kernels)
+                      plan_kernels=plan_kernels)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = output_dir / f"{name}_{preset.name}"
@@ -279,7 +282,7 @@ def export_template(base: keras.Model, preset: Preset | str,
         "weight_type": weight_type, "classes": classes,
         "tflite": files.tflite_path.name, "tflite_bytes": len(template),
         "plan": files.plan_path.name, "plan_bytes": len(plan_bytes),
-        "base_kernels": base_kernels, "layers": len(plan.layers),
+        "plan_kernels": plan.kernels, "layers": len(plan.layers),
         "fingerprint": plan.fingerprint.hex()}, indent=2).encode())
     return files
 
@@ -300,7 +303,7 @@ def activation_tensors(layout: Layout) -> list[TensorBytes]:
 
 
 def build_plan(model: keras.Model, template: bytes, weight_type: str, *,
-               base_kernels: bool = True) -> formats.Plan:
+               plan_kernels: str = "float32") -> formats.Plan:
     """Maps every convolution and the head of `model` into `template`.
 
     Each layer's kernel and bias are found by the exact bytes the applier
@@ -312,6 +315,13 @@ def build_plan(model: keras.Model, template: bytes, weight_type: str, *,
             converter merged it with a neighbour), or a buffer shared by
             several tensors.
     """
+    if plan_kernels not in formats.PLAN_KERNELS:
+        raise ExportError(f"Unknown plan kernels {plan_kernels!r}; choose "
+                          f"one of {formats.PLAN_KERNELS}.")
+    if plan_kernels == "residual" and weight_type != "int8":
+        raise ExportError(
+            f"Residual plans refine int8 weights; this template stores "
+            f"{weight_type} weights. Use --plan_kernels=float32 or none.")
     layout = read_layout(template)
     activations = activation_tensors(layout)
     activation_index = {t.index: i for i, t in enumerate(activations)}
@@ -337,8 +347,11 @@ def build_plan(model: keras.Model, template: bytes, weight_type: str, *,
         layer_plan = _locate_layer(layer, slots[id(layer)],
                                    batchnorms[layer.name], template, layout,
                                    weight_type, activation_index, used)
-        if not base_kernels:
-            layer_plan = dataclasses.replace(layer_plan, base_kernel=None)
+        if plan_kernels != "float32":
+            layer_plan = dataclasses.replace(
+                layer_plan, base_kernel=None,
+                kernel_residual=(_kernel_residual(template, layer_plan)
+                                 if plan_kernels == "residual" else None))
         layers.append(layer_plan)
     head = _locate_head(_head_layer(model), template, layout, weight_type,
                         activation_index, used)
@@ -356,6 +369,25 @@ def build_plan(model: keras.Model, template: bytes, weight_type: str, *,
         formats.crc32(template), weight_type, tuple(layers), head,
         _head_layer(model).units, int(features),
         tuple((t.scale_offset, t.zero_point_offset) for t in activations))
+
+
+def _kernel_residual(template: bytes, layer: formats.LayerPlan
+                     ) -> np.ndarray:
+    """int8 residuals `r` with `(q + r / 254) * scale` closest to the folded
+    base kernel, for each weight `q` of an int8 template (template layout).
+    """
+    folded, _ = applier.folded_layer(template, "int8", layer,
+                                     formats.LayerPack(2, 1, None, None))
+    exact = applier.template_layout(layer, folded).astype(np.float64)
+    q = np.frombuffer(template, np.int8, layer.kernel_size,
+                      layer.kernel_offset).reshape(layer.template_shape)
+    scales = np.frombuffer(template, "<f4", layer.cout,
+                           layer.kernel_scale_offset).astype(np.float64)
+    axis = 3 if layer.kind == formats.KIND_DEPTHWISE else 0
+    shape = [1] * 4
+    shape[axis] = -1
+    steps = (exact / scales.reshape(shape) - q) * formats.RESIDUAL_STEPS
+    return np.clip(np.round(steps), -127, 127).astype(np.int8)
 
 
 def _find_constant(layout: Layout, template: bytes, data: bytes,
@@ -626,6 +658,18 @@ def _quantization(model_bytes: bytes, tensor: TensorBytes
     return float(scale), int(zero_point)
 
 
+def top1_agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """How often `outputs`' top class is a top class of `reference`.
+
+    Quantized outputs tie often (two classes at the same int8 value); any
+    of the tied classes is the reference's answer, and `argmax` would pick
+    one of them arbitrarily.
+    """
+    chosen = np.argmax(outputs, axis=-1)
+    picked = np.take_along_axis(reference, chosen[:, None], axis=-1)[:, 0]
+    return float(np.mean(picked == reference.max(axis=-1)))
+
+
 def agreement_report(trained: keras.Model, reference: bytes, applied: bytes,
                      inputs: np.ndarray, classes: int) -> dict[str, Any]:
     """Top-1 agreement of the applied model with the trained task (float
@@ -642,8 +686,8 @@ def agreement_report(trained: keras.Model, reference: bytes, applied: bytes,
         "samples": int(len(inputs)),
         "applied_vs_trained_top1": float(np.mean(applied_top1
                                                  == trained_top1)),
-        "applied_vs_conversion_top1": float(np.mean(
-            applied_top1 == np.argmax(outputs["reference"], axis=-1))),
+        "applied_vs_conversion_top1": top1_agreement(outputs["applied"],
+                                                     outputs["reference"]),
         "applied_vs_conversion_max_abs": float(np.max(np.abs(
             outputs["applied"] - outputs["reference"]))),
     }

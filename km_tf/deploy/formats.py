@@ -29,6 +29,11 @@ NO_ACTIVATION = 0xFFFFFFFF
 WEIGHT_TYPES = ("float32", "float16", "int8")
 ARRAY_TYPES = ("float32", "float16", "int8")
 PLAN_HAS_BASE_KERNELS = 1
+PLAN_HAS_KERNEL_RESIDUALS = 2
+# What a plan holds of the base kernels (`--plan_kernels`): float32 kernels
+# (exact), int8 residuals refining an int8 template's weights, or nothing.
+PLAN_KERNELS = ("float32", "residual", "none")
+RESIDUAL_STEPS = 254  # A residual of r is r / 254 of a quantization step.
 LAYER_HAS_MODULATOR = 1
 LAYER_HAS_BATCHNORM = 2
 
@@ -56,6 +61,9 @@ class LayerPlan:
         conv_bias: The convolution's own bias, float32[cout].
         base_kernel: The float32 base kernel (Keras layout), or None when
             the plan leaves it out (compact mode).
+        kernel_residual: int8 residuals of an int8 template's kernel
+            (template layout): the folded base weight is
+            `(q + r / 254) * scale`. None unless the plan holds them.
     """
 
     kind: int
@@ -71,6 +79,7 @@ class LayerPlan:
     base_offset: np.ndarray
     conv_bias: np.ndarray
     base_kernel: np.ndarray | None = None
+    kernel_residual: np.ndarray | None = None
 
     @property
     def template_shape(self) -> tuple[int, ...]:
@@ -128,6 +137,16 @@ class Plan:
     def has_base_kernels(self) -> bool:
         """True when the plan holds the float32 base kernels (exact mode)."""
         return all(layer.base_kernel is not None for layer in self.layers)
+
+    @property
+    def kernels(self) -> str:
+        """What the plan holds of the base kernels (`PLAN_KERNELS`)."""
+        if self.has_base_kernels:
+            return "float32"
+        if self.layers and all(layer.kernel_residual is not None
+                               for layer in self.layers):
+            return "residual"
+        return "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,12 +270,14 @@ def write_plan(plan: Plan) -> bytes:
     data = _Writer()
     offsets = []
     for layer in plan.layers:
-        arrays = [layer.base_multiplier, layer.base_offset, layer.conv_bias]
+        arrays = [np.asarray(a, "<f4") for a in (
+            layer.base_multiplier, layer.base_offset, layer.conv_bias)]
         if layer.base_kernel is not None:
-            arrays.append(layer.base_kernel)
-        placed = [data_start + data.add(np.asarray(a, "<f4").tobytes())
-                  for a in arrays]
-        offsets.append(placed + ([0] if layer.base_kernel is None else []))
+            arrays.append(np.asarray(layer.base_kernel, "<f4"))
+        elif layer.kernel_residual is not None:
+            arrays.append(np.asarray(layer.kernel_residual, np.int8))
+        placed = [data_start + data.add(a.tobytes()) for a in arrays]
+        offsets.append(placed + [0] * (4 - len(placed)))
     body = _Writer()
     for layer, (m_at, o_at, bias_at, kernel_at) in zip(plan.layers, offsets):
         kh, kw, cin, last = layer.kernel_shape
@@ -272,7 +293,8 @@ def write_plan(plan: Plan) -> bytes:
         body.u32(scale_at, zero_at)
     rest = body.bytes() + data.bytes()
     total = PLAN_HEADER_BYTES + len(rest)
-    flags = PLAN_HAS_BASE_KERNELS if plan.has_base_kernels else 0
+    flags = {"float32": PLAN_HAS_BASE_KERNELS,
+             "residual": PLAN_HAS_KERNEL_RESIDUALS, "none": 0}[plan.kernels]
     header = (PLAN_MAGIC + struct.pack("<II", VERSION, PLAN_HEADER_BYTES)
               + plan.fingerprint
               + struct.pack("<11I", plan.template_bytes, plan.template_crc32,
@@ -401,6 +423,10 @@ def read_plan(data: bytes) -> Plan:
         raise reader.fail("is corrupt (its checksum does not match)")
     if weight_code >= len(WEIGHT_TYPES):
         raise reader.fail(f"names unknown weight type {weight_code}")
+    if flags not in (0, PLAN_HAS_BASE_KERNELS, PLAN_HAS_KERNEL_RESIDUALS) or (
+            flags == PLAN_HAS_KERNEL_RESIDUALS
+            and WEIGHT_TYPES[weight_code] != "int8"):
+        raise reader.fail(f"has unknown flags {flags:#x}")
     reader.at = PLAN_HEADER_BYTES
     layers = []
     for _ in range(count):
@@ -417,14 +443,20 @@ def read_plan(data: bytes) -> Plan:
             raise reader.fail(f"describes layer {len(layers)} inconsistently")
         shape = (kh, kw, cin, multiplier if kind == KIND_DEPTHWISE else cout)
         size = int(np.prod(shape))
-        base_kernel = None
+        base_kernel = residual = None
         if flags & PLAN_HAS_BASE_KERNELS:
             base_kernel = reader.floats(base_at, size).reshape(shape)
+        elif flags & PLAN_HAS_KERNEL_RESIDUALS:
+            residual = np.frombuffer(reader.take(size, base_at), np.int8)
         layers.append(LayerPlan(
             kind, shape, cout, slot, kernel_at, kscale_at, bias_at,
             bscale_at, activation, reader.floats(m_at, cout),
             reader.floats(o_at, cout), reader.floats(cbias_at, cout),
             base_kernel))
+        if residual is not None:
+            layers[-1] = dataclasses.replace(
+                layers[-1],
+                kernel_residual=residual.reshape(layers[-1].template_shape))
     head = HeadPlan(*reader.u32(_HEAD_FIELDS)[:5])
     if not (head.input_activation < activations or (
             head.input_activation == NO_ACTIVATION and not activations)):

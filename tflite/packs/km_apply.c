@@ -205,7 +205,7 @@ typedef struct {
     const uint8_t *pack;
     size_t pack_len;
     uint64_t tmpl_len; /* the plan's template bytes */
-    uint32_t wtype, exact, L, A, C, F, n;
+    uint32_t wtype, exact, residual, L, A, C, F, n;
 } km_ctx;
 
 typedef struct {
@@ -308,6 +308,9 @@ static km_status read_layer(const km_ctx *cx, uint32_t index, km_layer *ly)
         return KM_ERR_PLAN_INVALID;
     if (cx->exact && (ly->w_off < PLAN_HEADER ||
                       !in_range(ly->w_off, ly->elements, 4, plan)))
+        return KM_ERR_PLAN_INVALID;
+    if (cx->residual && (ly->w_off < PLAN_HEADER ||
+                         !in_range(ly->w_off, ly->elements, 1, plan)))
         return KM_ERR_PLAN_INVALID;
     return KM_OK;
 }
@@ -457,6 +460,10 @@ static km_status check(km_ctx *cx, const uint8_t *tmpl, size_t tmpl_len,
     cx->A = rd32(plan + 68);
     cx->C = C = rd32(plan + 72);
     cx->F = rd32(plan + 76);
+    cx->residual = (cx->exact >> 1) & 1u;
+    if ((cx->exact & ~3u) || (cx->exact & 1u && cx->residual) ||
+        (cx->residual && cx->wtype != WT_INT8))
+        return KM_ERR_PLAN_INVALID;
     cx->exact &= 1u;
     if (cx->wtype > WT_INT8 || (cx->wtype != WT_INT8 && cx->A != 0) ||
         C == 0 || cx->F == 0)
@@ -605,9 +612,8 @@ static void modulate(float *x, const km_mod *md, double *hid)
 }
 
 
-/* sign(x) * floor(|x| + 0.5): ties away from zero, exactly as the Python
- * applier and the TFLite converter round (C's round() differs at
- * 0.49999999999999994). */
+/* Nearest integer, ties away from zero, of a float32 value (exact in
+ * double). */
 static double km_round_half_away(double x)
 {
     double r = floor(fabs(x) + 0.5);
@@ -616,7 +622,11 @@ static double km_round_half_away(double x)
 
 static int8_t quantize8(float v, float scale)
 {
-    double q = km_round_half_away((double)v / (double)scale);
+    /* The converter's arithmetic: a float32 product with the reciprocal
+     * (a division rounds some near-ties the other way). */
+    float inverse = 1.0f / scale;
+    float product = v * inverse;
+    double q = km_round_half_away((double)product);
     if (q > 127.0)
         q = 127.0;
     if (q < -127.0)
@@ -628,7 +638,10 @@ static int8_t quantize8(float v, float scale)
 
 static uint32_t quantize32(float bias, float scale, float input_scale)
 {
-    double q = km_round_half_away((double)bias / ((double)scale * (double)input_scale));
+    float bias_scale = scale * input_scale;
+    float inverse = 1.0f / bias_scale;
+    float product = bias * inverse;
+    double q = km_round_half_away((double)product);
     if (q > 2147483647.0)
         q = 2147483647.0;
     if (q < -2147483648.0)
@@ -692,6 +705,13 @@ static void write_layer(const km_ctx *cx, const uint8_t *tmpl, uint8_t *out,
                     w = rdf(tmpl + ly->k_off + 4 * ti);
                 else if (cx->wtype == WT_FLOAT16)
                     w = km_half_to_float(rd16(tmpl + ly->k_off + 2 * ti));
+                else if (cx->residual)
+                    /* The weight's int8 value refined by its residual
+                     * (1/254 of a quantization step), in double. */
+                    w = (float)(((double)(int8_t)tmpl[ly->k_off + ti] +
+                                 (double)(int8_t)plan[ly->w_off + ti] /
+                                     254.0) *
+                                (double)rdf(tmpl + ly->ks_off + 4 * ch));
                 else
                     w = (float)(int8_t)tmpl[ly->k_off + ti] *
                         rdf(tmpl + ly->ks_off + 4 * ch);

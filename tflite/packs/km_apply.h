@@ -22,7 +22,9 @@
  * writes a single byte of `out`; on any error `out` is untouched. `out` may
  * be the template's own buffer (in-place patch of a RAM image: out ==
  * template_); otherwise the two must not overlap, and the template is
- * copied into `out` only after validation. In place, compact mode reads a
+ * copied into `out` only after validation. Plans without float32 base
+ * kernels (compact mode, with or without int8 residuals) start from the
+ * template's own weights. In place, compact mode reads a
  * layer's template kernel after earlier layers were written, which is the
  * same as reading the original because no two tensors share a buffer
  * (export_template refuses such templates). The template's SHA-256 is not
