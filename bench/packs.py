@@ -58,28 +58,35 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCHNORM_MODES = ("train", "freeze")  # Per-task BatchNorm, the base's.
 PACK_TARGET = 0.03  # pack bytes / task .tflite bytes
 
-flags.DEFINE_string("model", "mobilenet_v2",
-                    f"Base network ({', '.join(models.MODEL_NAMES)}).")
-flags.DEFINE_float("alpha", 1.0, "Width multiplier.")
-flags.DEFINE_integer("image_size", 224, "Input height and width.")
-flags.DEFINE_integer("classes", 10, "Classes of the tasks and the template.")
-flags.DEFINE_list("presets", ["float32", "float16", "int8"],
-                  "Export presets (micro too on request: it is for MCUs).")
-flags.DEFINE_list("batchnorm", list(BATCHNORM_MODES),
-                  "Tasks to pack: 'train' (BatchNorm per task, the default "
-                  "of km_tf.modulate) and/or 'freeze' (the base's).")
-flags.DEFINE_integer("hidden_units", None,
-                     "Modulator hidden units (default: km_tf's).")
-flags.DEFINE_integer("calibration_samples", 16,
-                     "Random pixel images calibrating integer presets.")
-flags.DEFINE_integer("repeats", 10, "Task switches timed per pack.")
-flags.DEFINE_integer("latency_runs", 20, "Timed invokes per round.")
-flags.DEFINE_integer("latency_rounds", 5,
-                     "Interleaved applied / converter-export rounds.")
-flags.DEFINE_integer("threads", 1, "LiteRT threads (both models).")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("output", str(RESULTS / "packs"),
-                    "Results path stem (.json and .md are written).")
+
+def define_flags() -> None:
+    """The program's flags, defined only when it runs as a program (tests
+    import this module next to other bench modules with flags of the same
+    names)."""
+    flags.DEFINE_string("model", "mobilenet_v2",
+                        f"Base network ({', '.join(models.MODEL_NAMES)}).")
+    flags.DEFINE_float("alpha", 1.0, "Width multiplier.")
+    flags.DEFINE_integer("image_size", 224, "Input height and width.")
+    flags.DEFINE_integer("classes", 10,
+                         "Classes of the tasks and the template.")
+    flags.DEFINE_list("presets", ["float32", "float16", "int8"],
+                      "Export presets (micro too on request: it is for MCUs).")
+    flags.DEFINE_list("batchnorm", list(BATCHNORM_MODES),
+                      "Tasks to pack: 'train' (BatchNorm per task, the "
+                      "default of km_tf.modulate) and/or 'freeze' (the "
+                      "base's).")
+    flags.DEFINE_integer("hidden_units", None,
+                         "Modulator hidden units (default: km_tf's).")
+    flags.DEFINE_integer("calibration_samples", 16,
+                         "Random pixel images calibrating integer presets.")
+    flags.DEFINE_integer("repeats", 10, "Task switches timed per pack.")
+    flags.DEFINE_integer("latency_runs", 20, "Timed invokes per round.")
+    flags.DEFINE_integer("latency_rounds", 5,
+                         "Interleaved applied / converter-export rounds.")
+    flags.DEFINE_integer("threads", 1, "LiteRT threads (both models).")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_string("output", str(RESULTS / "packs"),
+                        "Results path stem (.json and .md are written).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +280,7 @@ def measure_preset(base: keras.Model, preset: str,
             "batchnorm": batchnorm,
             "batchnorm_in_pack": report["batchnorm_in_pack"],
             "storage": report["storage"],
-            "mode": report["mode"],
+            "plan_kernels": report["plan_kernels"],
             "pack_bytes": report["pack_bytes"],
             "task_tflite_bytes": report["task_tflite_bytes"],
             "pack_to_tflite": round(report["pack_to_tflite"], 5),
@@ -425,4 +432,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -21,6 +21,8 @@ from km_tf.convert import bake
 from km_tf.deploy import applier, formats
 from km_tf.deploy import export as deploy
 from km_tf.deploy.locate import first_difference
+from km_tf.export.edgetpu import check_edgetpu
+from km_tf.export.graph import read_graph
 from km_tf.export.litert import LiteRTModel
 from km_tf.export.micro import run_micro
 from km_tf.export.pipeline import convert
@@ -28,7 +30,7 @@ from support import packable_convnet, small_convnet
 from test_export import digits, fit
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = ("float32", "float16", "int8", "micro")
+PRESETS = ("float32", "float16", "int8", "micro", "edgetpu")
 # (digit classes, BatchNorm mode, modulator form) of the three tasks.
 TASKS = (([5, 6, 7], "train", "hybrid"), ([3, 4, 8, 9], "freeze", "hybrid"),
          ([0, 9], "train", "spatial"))
@@ -166,6 +168,17 @@ def test_micro_pack_runs_in_tflite_micro(setup, exact):
                                    reference_kernels=True).run_raw(xq)
         assert np.max(np.abs(applied.reshape(lite_outputs.shape).astype(int)
                              - lite_outputs)) <= 1
+
+
+def test_applied_edgetpu_model_passes_the_static_check_like_its_export(
+        exact):
+    """Coral: apply the pack, then compile; the applied model is what
+    edgetpu_compiler would get from tflite/export.py."""
+    template, results = exact["edgetpu"]
+    for result in results:
+        applied = check_edgetpu(read_graph(_applied(template, result)))
+        assert applied == check_edgetpu(read_graph(result.reference_tflite))
+        assert applied.fully_mapped
 
 
 def test_packs_are_a_small_share_of_a_task_tflite(exact):
@@ -315,13 +328,16 @@ def test_export_packs_program_writes_template_packs_and_report(setup,
     run = subprocess.run(
         [sys.executable, str(REPO / "tflite" / "export_packs.py"),
          f"--base={base_path}", *(f"--task={t}" for t in setup["tasks"][:2]),
-         "--preset=int8", f"--calibration_dataset={tmp_path / 'data.npz'}",
+         "--preset=int8", "--preset=float16",
+         f"--calibration_dataset={tmp_path / 'data.npz'}",
          f"--output_dir={out}"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (out / "base_int8.tflite").is_file()
-    assert (out / "base_int8.kmplan").is_file()
-    for task in setup["tasks"][:2]:
-        assert (out / f"{task.stem}_int8.kmpack").is_file()
+    for preset in ("int8", "float16"):
+        assert (out / f"base_{preset}.tflite").is_file()
+        assert (out / f"base_{preset}.kmplan").is_file()
+        for task in setup["tasks"][:2]:
+            assert (out / f"{task.stem}_{preset}.kmpack").is_file()
     report = (out / "packs.report.txt").read_text()
-    assert "% of the task's .tflite" in report
-    assert "applied = converter export: yes" in report
+    assert report.count("template base_") == 2
+    assert report.count("% of the task's .tflite") == 4
+    assert report.count("applied = converter export: yes") == 4

@@ -30,7 +30,8 @@ from test_export import digits, fit
 
 TEMPLATE_CLASSES = 5
 # case -> (preset, what the plan holds of the base kernels)
-CASES = {"micro-compact": ("micro", "none"), "micro-exact": ("micro", "float32"),
+CASES = {"micro-compact": ("micro", "none"),
+         "micro-exact": ("micro", "float32"),
          "micro-residual": ("micro", "residual"),
          "float32-exact": ("float32", "float32"),
          "float16-compact": ("float16", "none")}
@@ -111,9 +112,12 @@ def synthetic(weight_type, exact, storage, seed=0):
     rng = np.random.default_rng(seed)
     int8 = weight_type == "int8"
     f32 = np.float32
-    # (kind, Keras kernel shape, unit_axes or None: unmodulated, hidden)
+    # (kind, Keras kernel shape, unit_axes or None: unmodulated, hidden).
+    # Depthwise kernels have spatial units only (km_tf.layers.modulator_plan;
+    # whole-filter units would cut across output channels, which packs
+    # refuse).
     specs = [(0, (3, 3, 64, 64), 2, 16), (0, (1, 1, 256, 64), 3, 32),
-             (1, (3, 3, 64, 1), 2, 8), (1, (5, 5, 32, 2), 3, 4),
+             (1, (3, 3, 64, 1), 2, 8), (1, (5, 5, 32, 2), 2, 4),
              (0, (3, 3, 128, 16), 3, 8), (0, (3, 3, 16, 8), None, 0)]
     template = bytearray(rng.integers(0, 256, 64, np.uint8).tobytes())
 
@@ -305,8 +309,9 @@ def test_c_output_equals_the_python_applier(lib, case, name):
             diff = sum(a != b for a, b in zip(c, python))
             pytest.fail(f"{name} {result.pack_path.name}: {diff} bytes "
                         f"differ, the first at {first}")
-        if CASES[name][1] == "float32":  # Exact mode: the converter's export itself
-            # (up to tensor names, which carry per-process suffixes).
+        if CASES[name][1] == "float32":
+            # Exact mode: the converter's export itself (up to tensor
+            # names, which carry per-process suffixes).
             assert first_difference(c, result.reference_tflite) is None
         else:
             assert c != files["template"]
@@ -341,12 +346,12 @@ def test_scratch_formula_and_any_alignment(lib, case):
     template, plan = files["template"], files["plan"]
     pack = files["packs"][0][0]
     need = c_applier.scratch_bytes(lib, plan, pack)
-    # The header's formula: 7 + max over layers of roundup8(4 * kernel
-    # elements) + 8 * hidden (modulated layers).
+    # The header's formula: 7 + max over layers of roundup8(4 * one output
+    # channel's weights) + 8 * hidden (modulated layers).
     parsed = formats.read_plan(plan)
     values = formats.read_pack(pack, parsed)
     assert need == 7 + max(
-        -(-4 * layer.kernel_size // 8) * 8
+        -(-4 * (layer.kernel_size // layer.cout) // 8) * 8
         + (8 * task.hidden if task.modulator is not None else 0)
         for layer, task in zip(parsed.layers, values.layers))
     expected = c_applier.apply(lib, template, plan, pack)

@@ -581,7 +581,7 @@ def export_pack(base: keras.Model, task_path: str | os.PathLike,
                             pack_types)),
         "batchnorm_in_pack": any(layer.batchnorm is not None
                                  for layer in pack.layers),
-        "mode": "exact" if exact else "compact",
+        "plan_kernels": plan.kernels,
         "applied_equals_conversion": difference is None,
     }
     if heldout is not None:

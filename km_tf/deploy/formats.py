@@ -489,8 +489,9 @@ def read_pack(data: bytes, plan: Plan) -> Pack:
             "template: tflite/export_packs.py --template=<its .tflite>.")
     if PACK_HEADER_BYTES + payload_bytes != len(data):
         raise reader.fail(
-            f"is truncated: its header says {PACK_HEADER_BYTES + payload_bytes:,}"
-            f" bytes, the file has {len(data):,}")
+            f"is truncated: its header says "
+            f"{PACK_HEADER_BYTES + payload_bytes:,} bytes, the file has "
+            f"{len(data):,}")
     if payload_crc != crc32(reader.data[PACK_HEADER_BYTES:]):
         raise reader.fail("is corrupt (its checksum does not match)")
     expected = (len(plan.layers), len(plan.activations), plan.features)
@@ -528,6 +529,10 @@ def _read_layer(reader: _Reader, layer: LayerPlan) -> LayerPack:
                 f"gives slot {layer.slot} a modulator with {unit_axes} unit "
                 f"axes and {hidden} hidden units")
         units = unit_size(layer.kernel_shape, unit_axes)
+        if (layer.kernel_size // units) % layer.cout:
+            raise reader.fail(
+                f"gives slot {layer.slot} modulator units that cut across "
+                "output channels")
         modulator = (reader.array(hidden * units).reshape(hidden, units),
                      reader.array(hidden), reader.array(
                          units * hidden).reshape(units, hidden),

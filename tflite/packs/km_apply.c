@@ -368,7 +368,7 @@ static km_status read_pack_layer(const km_ctx *cx, const km_layer *ly,
          * modulator, like the Python reader (1 <= hidden <= 65535) */
         uint64_t h = md->hidden, uh;
         if ((md->unit_axes != 2 && md->unit_axes != 3) || h == 0 ||
-            h > 65535u)
+            h > 65535u || md->cols % ly->cout != 0)
             return KM_ERR_PACK_INVALID;
         uh = md->u * h; /* u <= template bytes < 2^32, h < 2^32 */
         if (!take_array(cx, &at, uh, &md->U) ||
@@ -511,7 +511,7 @@ static km_status check(km_ctx *cx, const uint8_t *tmpl, size_t tmpl_len,
         st = read_pack_layer(cx, &ly, &pos, &md);
         if (st != KM_OK)
             return st;
-        bytes = ((4u * ly.elements + 7u) & ~(uint64_t)7u) +
+        bytes = ((4u * (ly.elements / ly.cout) + 7u) & ~(uint64_t)7u) +
                 ((md.flags & 1u) ? 8u * (uint64_t)md.hidden : 0u);
         if (bytes > most)
             most = bytes;
@@ -534,11 +534,55 @@ static km_status check(km_ctx *cx, const uint8_t *tmpl, size_t tmpl_len,
 /* ------------------------------------------------------------------ */
 /* Arithmetic                                                          */
 
-/* numpy's pairwise summation of float64 (add.reduce over a contiguous
- * array), of x[i] or, with `centre` set, of (x[i] - mean)^2. */
-static double term(const float *x, size_t i, int centre, double mean)
+/* Where a layer's float32 base weights come from (the plan's float32
+ * kernel, or the template's weight divided by the base multiplier). */
+typedef struct {
+    const km_ctx *cx;
+    const uint8_t *tmpl;
+    const km_layer *ly;
+} km_source;
+
+/* Index in the template's layout of Keras element p * cout + ch. */
+static size_t template_index(const km_layer *ly, size_t p, size_t ch,
+                             size_t per_channel)
 {
-    double v = (double)x[i];
+    return ly->kind == 0 ? ch * per_channel + p : p * ly->cout + ch;
+}
+
+/* The float32 base weight at Keras index i (= p * cout + ch). */
+static float base_weight(const km_source *src, size_t i)
+{
+    const km_ctx *cx = src->cx;
+    const km_layer *ly = src->ly;
+    const uint8_t *tmpl = src->tmpl, *plan = cx->plan;
+    size_t cout = ly->cout, per = (size_t)(ly->elements / cout);
+    size_t p = i / cout, ch = i % cout, ti;
+    float w;
+    if (cx->exact)
+        return rdf(plan + ly->w_off + 4 * i);
+    ti = template_index(ly, p, ch, per);
+    if (cx->wtype == WT_FLOAT32)
+        w = rdf(tmpl + ly->k_off + 4 * ti);
+    else if (cx->wtype == WT_FLOAT16)
+        w = km_half_to_float(rd16(tmpl + ly->k_off + 2 * ti));
+    else if (cx->residual)
+        /* The weight's int8 value refined by its residual (1/254 of a
+         * quantization step), in double. */
+        w = (float)(((double)(int8_t)tmpl[ly->k_off + ti] +
+                     (double)(int8_t)plan[ly->w_off + ti] / 254.0) *
+                    (double)rdf(tmpl + ly->ks_off + 4 * ch));
+    else
+        w = (float)(int8_t)tmpl[ly->k_off + ti] *
+            rdf(tmpl + ly->ks_off + 4 * ch);
+    return w / rdf(plan + ly->m_off + 4 * ch);
+}
+
+/* numpy's pairwise summation of float64 (add.reduce over a contiguous
+ * array) of the base weights first .. first + n - 1 or, with `centre`
+ * set, of their (w - mean)^2. */
+static double term(const km_source *src, size_t i, int centre, double mean)
+{
+    double v = (double)base_weight(src, i);
     if (centre) {
         v -= mean;
         v *= v;
@@ -546,56 +590,68 @@ static double term(const float *x, size_t i, int centre, double mean)
     return v;
 }
 
-static double pairwise_sum(const float *x, size_t n, int centre, double mean)
+static double pairwise_sum(const km_source *src, size_t first, size_t n,
+                           int centre, double mean)
 {
     if (n < 8) {
         double res = 0.;
         size_t i;
         for (i = 0; i < n; i++)
-            res += term(x, i, centre, mean);
+            res += term(src, first + i, centre, mean);
         return res;
     } else if (n <= PW_BLOCKSIZE) {
         double r[8], res;
         size_t i, j;
         for (j = 0; j < 8; j++)
-            r[j] = term(x, j, centre, mean);
+            r[j] = term(src, first + j, centre, mean);
         for (i = 8; i < n - (n % 8); i += 8)
             for (j = 0; j < 8; j++)
-                r[j] += term(x, i + j, centre, mean);
+                r[j] += term(src, first + i + j, centre, mean);
         res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
         for (; i < n; i++)
-            res += term(x, i, centre, mean);
+            res += term(src, first + i, centre, mean);
         return res;
     } else {
         size_t n2 = n / 2;
         n2 -= n2 % 8;
-        return pairwise_sum(x, n2, centre, mean) +
-               pairwise_sum(x + n2, n - n2, centre, mean);
+        return pairwise_sum(src, first, n2, centre, mean) +
+               pairwise_sum(src, first + n2, n - n2, centre, mean);
     }
 }
 
-/* population standard deviation, as numpy.std of a float64 array */
-static double population_std(const float *x, size_t n)
+/* population standard deviation of a layer's base weights, as numpy.std
+ * of a float64 array */
+static double population_std(const km_source *src)
 {
-    double mean = (0.0 + pairwise_sum(x, n, 0, 0.0)) / (double)n;
-    double var = (0.0 + pairwise_sum(x, n, 1, mean)) / (double)n;
+    size_t n = (size_t)src->ly->elements;
+    double mean = (0.0 + pairwise_sum(src, 0, n, 0, 0.0)) / (double)n;
+    double var = (0.0 + pairwise_sum(src, 0, n, 1, mean)) / (double)n;
     return sqrt(var);
 }
 
-/* X (u x cols, the float kernel in scratch) <- float32(X * (1 + V tanh(U
- * (X / s) + c) + d)), one column at a time (hid: h doubles). */
-static void modulate(float *x, const km_mod *md, double *hid)
+/* k[p] <- the modulated weight p * cout + ch of the layer, for one output
+ * channel: float32(W * (1 + V tanh(U (W / s) + c) + d)) on each of the
+ * channel's unit columns n = ch + t * cout of the (u x cols) view (every
+ * element of such a column belongs to channel ch, as cols is a multiple of
+ * cout; element j of column t is k[j * (cols / cout) + t]). hid: h
+ * doubles. Without a modulator, k[p] is the base weight. */
+static void channel_weights(const km_source *src, const km_mod *md,
+                            double s, size_t ch, float *k, double *hid)
 {
-    size_t u = (size_t)md->u, cols = (size_t)md->cols, h = md->hidden;
-    size_t n, i, j;
-    double s = population_std(x, u * cols) + 1e-12;
-    for (n = 0; n < cols; n++) {
+    size_t cout = src->ly->cout, per = (size_t)(src->ly->elements / cout);
+    size_t u = (size_t)md->u, h = md->hidden;
+    size_t stride = (size_t)(md->cols / cout), t, i, j, p;
+    for (p = 0; p < per; p++)
+        k[p] = base_weight(src, p * cout + ch);
+    if (!(md->flags & 1u))
+        return;
+    for (t = 0; t < stride; t++) {
         /* hid[i] = sum_j U[i][j] * (X[j][n] / s), summed in j order for
          * each i (the same sums as row by row), one division per weight */
         for (i = 0; i < h; i++)
             hid[i] = 0.0;
         for (j = 0; j < u; j++) {
-            double xs = (double)x[j * cols + n] / s;
+            double xs = (double)k[j * stride + t] / s;
             for (i = 0; i < h; i++)
                 hid[i] += (double)arr_get(&md->U, i * u + j) * xs;
         }
@@ -606,7 +662,8 @@ static void modulate(float *x, const km_mod *md, double *hid)
             for (i = 0; i < h; i++)
                 g += (double)arr_get(&md->V, j * h + i) * hid[i];
             g += (double)arr_get(&md->d, j);
-            x[j * cols + n] = (float)((double)x[j * cols + n] * (1.0 + g));
+            k[j * stride + t] =
+                (float)((double)k[j * stride + t] * (1.0 + g));
         }
     }
 }
@@ -620,35 +677,29 @@ static double km_round_half_away(double x)
     return x < 0.0 ? -r : r;
 }
 
-static int8_t quantize8(float v, float scale)
+/* round(v * (1 / scale)) as the converter computes it: the reciprocal and
+ * the product in float32 (a division rounds some near-ties the other way),
+ * ties away from zero, clamped to [low, high]; NaN gives 0. */
+static double quantize(float v, float scale, double low, double high)
 {
-    /* The converter's arithmetic: a float32 product with the reciprocal
-     * (a division rounds some near-ties the other way). */
     float inverse = 1.0f / scale;
     float product = v * inverse;
     double q = km_round_half_away((double)product);
-    if (q > 127.0)
-        q = 127.0;
-    if (q < -127.0)
-        q = -127.0;
     if (q != q)
-        q = 0.0;
-    return (int8_t)q;
+        return 0.0;
+    return q < low ? low : (q > high ? high : q);
 }
 
+static int8_t quantize8(float v, float scale)
+{
+    return (int8_t)quantize(v, scale, -127.0, 127.0);
+}
+
+/* The int32 bias, of scale `scale * input_scale` (a float32 product). */
 static uint32_t quantize32(float bias, float scale, float input_scale)
 {
-    float bias_scale = scale * input_scale;
-    float inverse = 1.0f / bias_scale;
-    float product = bias * inverse;
-    double q = km_round_half_away((double)product);
-    if (q > 2147483647.0)
-        q = 2147483647.0;
-    if (q < -2147483648.0)
-        q = -2147483648.0;
-    if (q != q)
-        q = 0.0;
-    return (uint32_t)(int32_t)q;
+    return (uint32_t)(int32_t)quantize(bias, scale * input_scale,
+                                       -2147483648.0, 2147483647.0);
 }
 
 /* max(amax, |v|) in float32 (no double op per weight on a device) */
@@ -671,19 +722,16 @@ static float activation_scale(const km_ctx *cx, uint32_t act)
     return rdf(cx->pack + cx->pack_len - 8u * (size_t)cx->A + 8u * act);
 }
 
-/* Scratch bytes of a layer's float kernel, a multiple of 8. */
-static size_t kernel_bytes(const km_layer *ly)
+/* Scratch bytes of one output channel's float weights, a multiple of 8. */
+static size_t channel_bytes(const km_layer *ly)
 {
-    return (size_t)((4u * ly->elements + 7u) & ~(uint64_t)7u);
+    return (size_t)((4u * (ly->elements / ly->cout) + 7u) & ~(uint64_t)7u);
 }
 
-/* Index in the template's layout of Keras element p * cout + ch. */
-static size_t template_index(const km_layer *ly, size_t p, size_t ch,
-                             size_t per_channel)
-{
-    return ly->kind == 0 ? ch * per_channel + p : p * ly->cout + ch;
-}
-
+/* The layer, one output channel at a time: 1. base weights, 2. modulation
+ * (std over the whole kernel first), 3. BN fold (float32), 4. write. Each
+ * channel reads only its own template weights before writing them, so an
+ * in-place patch is safe. k: the channel's float weights, hid: h doubles. */
 static void write_layer(const km_ctx *cx, const uint8_t *tmpl, uint8_t *out,
                         const km_layer *ly, const km_mod *md, float *k,
                         double *hid)
@@ -691,41 +739,16 @@ static void write_layer(const km_ctx *cx, const uint8_t *tmpl, uint8_t *out,
     const uint8_t *plan = cx->plan;
     size_t cout = ly->cout, per = (size_t)(ly->elements / cout);
     size_t p, ch;
-
-    /* 1. base kernel W, Keras layout [per][cout] */
-    for (p = 0; p < per; p++) {
-        for (ch = 0; ch < cout; ch++) {
-            size_t i = p * cout + ch;
-            float w;
-            if (cx->exact) {
-                w = rdf(plan + ly->w_off + 4 * i);
-            } else {
-                size_t ti = template_index(ly, p, ch, per);
-                if (cx->wtype == WT_FLOAT32)
-                    w = rdf(tmpl + ly->k_off + 4 * ti);
-                else if (cx->wtype == WT_FLOAT16)
-                    w = km_half_to_float(rd16(tmpl + ly->k_off + 2 * ti));
-                else if (cx->residual)
-                    /* The weight's int8 value refined by its residual
-                     * (1/254 of a quantization step), in double. */
-                    w = (float)(((double)(int8_t)tmpl[ly->k_off + ti] +
-                                 (double)(int8_t)plan[ly->w_off + ti] /
-                                     254.0) *
-                                (double)rdf(tmpl + ly->ks_off + 4 * ch));
-                else
-                    w = (float)(int8_t)tmpl[ly->k_off + ti] *
-                        rdf(tmpl + ly->ks_off + 4 * ch);
-                w = w / rdf(plan + ly->m_off + 4 * ch);
-            }
-            k[i] = w;
-        }
-    }
-    /* 2. modulation */
+    km_source src;
+    double s = 0.0;
+    src.cx = cx;
+    src.tmpl = tmpl;
+    src.ly = ly;
     if (md->flags & 1u)
-        modulate(k, md, hid);
-    /* 3. BN fold (float32) and 4. write */
+        s = population_std(&src) + 1e-12;
     for (ch = 0; ch < cout; ch++) {
         float m, o, bias, amax = 0.0f, scale;
+        channel_weights(&src, md, s, ch, k, hid);
         if (md->flags & 2u) {
             m = arr_get(&md->m, ch);
             o = arr_get(&md->o, ch);
@@ -736,20 +759,20 @@ static void write_layer(const km_ctx *cx, const uint8_t *tmpl, uint8_t *out,
         bias = rdf(plan + ly->cb_off + 4 * ch) * m;
         bias = bias + o;
         for (p = 0; p < per; p++) {
-            float v = k[p * cout + ch] * m;
-            k[p * cout + ch] = v;
+            float v = k[p] * m;
+            k[p] = v;
             amax = float_max_abs(amax, v);
         }
         if (cx->wtype == WT_FLOAT32) {
             for (p = 0; p < per; p++)
                 wrf(out + ly->k_off + 4 * template_index(ly, p, ch, per),
-                    k[p * cout + ch]);
+                    k[p]);
             if (ly->b_off)
                 wrf(out + ly->b_off + 4 * ch, bias);
         } else if (cx->wtype == WT_FLOAT16) {
             for (p = 0; p < per; p++)
                 wr16(out + ly->k_off + 2 * template_index(ly, p, ch, per),
-                     km_float_to_half(k[p * cout + ch]));
+                     km_float_to_half(k[p]));
             if (ly->b_off)
                 wr16(out + ly->b_off + 2 * ch, km_float_to_half(bias));
         } else {
@@ -757,7 +780,7 @@ static void write_layer(const km_ctx *cx, const uint8_t *tmpl, uint8_t *out,
             scale = channel_scale(amax);
             for (p = 0; p < per; p++)
                 out[ly->k_off + template_index(ly, p, ch, per)] =
-                    (uint8_t)quantize8(k[p * cout + ch], scale);
+                    (uint8_t)quantize8(k[p], scale);
             wrf(out + ly->ks_off + 4 * ch, scale);
             if (ly->b_off) {
                 wrf(out + ly->bs_off + 4 * ch, scale * in_scale);
@@ -824,7 +847,7 @@ static void write_all(const km_ctx *cx, const uint8_t *tmpl, uint8_t *out,
         (void)read_layer(cx, i, &ly); /* accepted by check() */
         (void)read_pack_layer(cx, &ly, &pos, &md);
         write_layer(cx, tmpl, out, &ly, &md, (float *)(void *)scratch,
-                    (double *)(void *)(scratch + kernel_bytes(&ly)));
+                    (double *)(void *)(scratch + channel_bytes(&ly)));
     }
     (void)take_array(cx, &pos, (uint64_t)cx->F * cx->n, &w);
     (void)take_array(cx, &pos, cx->n, &b);
