@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -274,6 +275,54 @@ def test_task_with_more_classes_than_the_template_is_refused(setup, exact):
         deploy.export_pack(setup["base"], path, template, setup["root"],
                            "wide")
     assert not (setup["root"] / "wide_float32.kmpack").exists()
+
+
+def test_untrained_head_is_refused_with_the_reason(setup, exact):
+    template, _ = exact["float32"]
+    task = models.build_task_model(setup["base"], 3)  # Bias still zeros.
+    path = setup["root"] / "untrained.kmtask"
+    km_tf.save_task(task, path)
+    with pytest.raises(km_tf.ExportError, match="all zero"):
+        deploy.export_pack(setup["base"], path, template, setup["root"],
+                           "untrained")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v1"])
+def test_registry_bases_take_exact_packs(tmp_path, name):
+    """Bases of `km_tf.models` other than the MobileNetV2 the benchmark
+    uses: ResNet (convolutions with biases) and MobileNetV1."""
+    rng = np.random.default_rng(0)
+
+    def perturb(layers):
+        for layer in layers:
+            layer.set_weights([w + rng.uniform(0.0, 0.1, w.shape).astype(
+                np.float32) for w in layer.get_weights()])
+
+    base = models.build_model(name, 4, image_size=32, alpha=0.25
+                              if name.startswith("mobilenet") else 1.0)
+    batchnorms = [layer for layer in base.layers
+                  if isinstance(layer, keras.layers.BatchNormalization)]
+    perturb(batchnorms)  # A pretrained-looking base (BatchNorm not at init).
+    task = models.build_task_model(base, 3, batchnorm="train")
+    perturb([layer.modulator for layer in task.layers
+             if hasattr(layer, "modulator")]
+            + [layer for layer in task.layers if layer.name == "head"
+               or isinstance(layer, keras.layers.BatchNormalization)])
+    km_tf.save_task(task, tmp_path / "task.kmtask")
+    template = deploy.export_template(base, "float32", tmp_path, "base",
+                                      classes=4)
+    result = deploy.export_pack(base, tmp_path / "task.kmtask", template,
+                                tmp_path, "task")
+    assert result.report["applied_equals_conversion"]
+
+
+def test_mobilenet_v3_is_refused_with_the_reason(tmp_path):
+    """Its squeeze-excite hard sigmoid makes the converter fold more than
+    BatchNorm into a convolution's bias."""
+    base = models.build_model("mobilenet_v3_small", 4, image_size=32,
+                              alpha=0.75)
+    with pytest.raises(km_tf.ExportError, match="beyond BatchNorm folding"):
+        deploy.export_template(base, "float32", tmp_path, "base", classes=4)
 
 
 def test_dilated_base_is_refused_with_the_reason(tmp_path):

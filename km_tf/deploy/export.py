@@ -185,6 +185,11 @@ def _head_layer(model: keras.Model) -> keras.layers.Dense:
             f"The last layer of {model.name!r} is {type(head).__name__} "
             f"{head.name!r}; task packs need a Dense classifier head as the "
             "model's last layer.")
+    if not head.use_bias:
+        raise UnsupportedLayerError(
+            f"Head {head.name!r} of {model.name!r} has no bias; task packs "
+            "need a Dense head with a bias (use_bias=True), which the "
+            "template patches per task.")
     return head
 
 
@@ -617,7 +622,7 @@ def _pack_values(task: keras.Model, plan: formats.Plan,
             "cannot patch, and this task trains BatchNorm. Train the task "
             "with --batchnorm=freeze to use task packs.")
     layers = []
-    for conv in convs:
+    for conv, layer_plan in zip(convs, plan.layers):
         modulator = None
         unit_axes, hidden = 2, 1
         if isinstance(conv, KM_LAYERS):
@@ -631,6 +636,14 @@ def _pack_values(task: keras.Model, plan: formats.Plan,
         batchnorm = None
         bn = batchnorms[conv.name]
         if per_task_bn and bn is not None:
+            if not layer_plan.bias_offset:
+                raise ExportError(
+                    f"Layer {conv.name!r} has no bias in the template: the "
+                    "base's BatchNorm after it folds to a zero bias (an "
+                    "untrained base?), which the converter leaves out, so "
+                    "this task's per-task BatchNorm has nowhere to go. "
+                    "Pretrain the base, or train tasks with "
+                    "--batchnorm=freeze.")
             batchnorm = tuple(formats.round_trip(v, batchnorm_type)
                               for v in folded_batchnorm(bn))
             set_folded_batchnorm(bn, *batchnorm)
@@ -640,6 +653,12 @@ def _pack_values(task: keras.Model, plan: formats.Plan,
     kernel, bias = head.get_weights()
     kernel = formats.round_trip(kernel, head_type)
     bias = np.asarray(bias, np.float32)
+    if not np.any(bias):
+        raise ExportError(
+            f"The head bias of task {head.name!r} is all zero (an untrained "
+            "head?). The converter leaves a zero bias out, so the task's "
+            ".tflite would not have the template's structure. Train the task "
+            "before packing it.")
     head.set_weights([kernel, bias])
     if kernel.shape[1] > plan.classes:
         raise ExportError(
