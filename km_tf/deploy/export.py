@@ -600,6 +600,19 @@ def _pack_values(task: keras.Model, plan: formats.Plan,
     """The task's per-task values as the pack stores them; writes the
     rounded values back into `task` (the deployed task)."""
     modulator_type, batchnorm_type, head_type = pack_types
+    head = _head_layer(task)
+    kernel, bias = (np.asarray(w, np.float32) for w in head.get_weights())
+    if kernel.shape[1] > plan.classes:
+        raise ExportError(
+            f"The task has {kernel.shape[1]} classes; the template's head "
+            f"holds {plan.classes}. Export a template with "
+            f"--classes={kernel.shape[1]} or more, and its packs.")
+    if not np.any(bias):
+        raise ExportError(
+            f"The task's head bias ({head.name!r}) is all zero: an untrained "
+            "head? The converter leaves a zero bias out, so the task's "
+            ".tflite would not have the template's structure. Train the task "
+            "before packing it.")
     options = modulation_options(task)
     convs = [layer for _, layer in walk_layers(task) if is_convolution(layer)]
     if len(convs) != len(plan.layers) or any(
@@ -649,22 +662,8 @@ def _pack_values(task: keras.Model, plan: formats.Plan,
             set_folded_batchnorm(bn, *batchnorm)
         layers.append(formats.LayerPack(unit_axes, hidden, modulator,
                                         batchnorm))
-    head = _head_layer(task)
-    kernel, bias = head.get_weights()
     kernel = formats.round_trip(kernel, head_type)
-    bias = np.asarray(bias, np.float32)
-    if not np.any(bias):
-        raise ExportError(
-            f"The head bias of task {head.name!r} is all zero (an untrained "
-            "head?). The converter leaves a zero bias out, so the task's "
-            ".tflite would not have the template's structure. Train the task "
-            "before packing it.")
     head.set_weights([kernel, bias])
-    if kernel.shape[1] > plan.classes:
-        raise ExportError(
-            f"The task has {kernel.shape[1]} classes; the template's head "
-            f"holds {plan.classes}. Export a template with "
-            f"--classes={kernel.shape[1]} or more, and its packs.")
     return formats.Pack(plan.fingerprint, int(kernel.shape[1]), kernel, bias,
                         tuple(layers))
 
