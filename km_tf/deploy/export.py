@@ -193,6 +193,15 @@ def _head_layer(model: keras.Model) -> keras.layers.Dense:
     return head
 
 
+def check_classes(task_classes: int, template_classes: int) -> None:
+    """Refuses a task with more classes than the template's head holds."""
+    if task_classes > template_classes:
+        raise ExportError(
+            f"The task has {task_classes} classes; the template's head holds "
+            f"{template_classes}. Export a template with "
+            f"--classes={task_classes} or more, and its packs.")
+
+
 def padded_head_model(model: keras.Model, classes: int,
                       kernel: np.ndarray | None = None,
                       bias: np.ndarray | None = None) -> keras.Model:
@@ -206,10 +215,7 @@ def padded_head_model(model: keras.Model, classes: int,
     own_kernel, own_bias = (head.get_weights() if kernel is None
                             else (kernel, bias))
     n = own_kernel.shape[1]
-    if n > classes:
-        raise ExportError(
-            f"The task has {n} classes; the template's head holds "
-            f"{classes}. Export a template with --classes={n} or more.")
+    check_classes(n, classes)
     padded = replace_head(
         model, classes,
         classifier_activation=keras.activations.serialize(head.activation))
@@ -547,7 +553,9 @@ def export_pack(base: keras.Model, task_path: str | os.PathLike,
     plan = template.plan
     pack_types = pack_types or PACK_TYPES[plan.weight_type]
     task = restore_task(base, task_path)
-    trained = bake(task)
+    # The trained task, before the pack's rounding: only the agreement
+    # report needs it.
+    trained = bake(task) if heldout is not None else None
     pack = _pack_values(task, plan, pack_types)
     deployed = padded_head_model(bake(task), plan.classes)
     reference = convert(deployed, template.preset, calibration_data)
@@ -602,11 +610,7 @@ def _pack_values(task: keras.Model, plan: formats.Plan,
     modulator_type, batchnorm_type, head_type = pack_types
     head = _head_layer(task)
     kernel, bias = (np.asarray(w, np.float32) for w in head.get_weights())
-    if kernel.shape[1] > plan.classes:
-        raise ExportError(
-            f"The task has {kernel.shape[1]} classes; the template's head "
-            f"holds {plan.classes}. Export a template with "
-            f"--classes={kernel.shape[1]} or more, and its packs.")
+    check_classes(kernel.shape[1], plan.classes)
     if not np.any(bias):
         raise ExportError(
             f"The task's head bias ({head.name!r}) is all zero: an untrained "
