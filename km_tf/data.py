@@ -6,6 +6,17 @@ One entry point, `load(spec, ...)`, reads a dataset named by a spec string:
 - `"skimage:faces[:CLASSES]"`: `skimage.data.lfw_subset()`, face / non_face.
 - `"skimage:textures[:CLASSES]"`: 32x32 patches cut from the texture images
   of `skimage.data` (`TEXTURE_IMAGES`), one class per image.
+- `"skimage:photos[:CLASSES]"`: 32x32 colour patches cut from the
+  photographs of `skimage.data` (`PHOTO_IMAGES`, each reduced to
+  `PHOTO_SIDE` pixels on its short side), one class per photograph.
+- `"glyphs:SCRIPTS[:CLASSES]"`: letters drawn from the fonts inside
+  matplotlib, one class per letter, `km_tf.synthetic.glyphs.INSTANCES`
+  distorted instances each (offline; thousands of classes). `SCRIPTS` is
+  `all` or script names joined by `+` (`glyphs:armenian`,
+  `glyphs:latin+greek+cyrillic`); `km_tf.synthetic.glyphs.scripts()` lists
+  them.
+- `"fractals:N[:CLASSES]"`: N classes of FractalDB-style fractals
+  (`km_tf.synthetic.fractals`), offline.
 - `"tfds:NAME[:CLASSES]"`: a tensorflow-datasets image dataset (downloaded
   into `data_dir` on first use, so it needs network once).
 - `"folder:PATH"`: a folder with one sub-folder of images per class. Every
@@ -41,14 +52,19 @@ from km_tf.errors import DataError
 from km_tf.models.preprocessing import normalize
 
 SPLITS = ("train", "validation", "test")
-SKIMAGE_DATASETS = ("faces", "textures")
-# skimage.data images that ship in the wheel, one texture class each.
+SKIMAGE_DATASETS = ("faces", "textures", "photos")
+# skimage.data images that ship in the wheel, one class each.
 TEXTURE_IMAGES = ("brick", "grass", "gravel", "immunohistochemistry")
+PHOTO_IMAGES = ("astronaut", "chelsea", "coffee", "rocket",
+                "hubble_deep_field", "retina")
 TEXTURE_PATCH = 32
+PHOTO_SIDE = 192
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 SPEC_FORMS = (
     "digits[:CLASSES]",
-    "skimage:faces|textures[:CLASSES]",
+    "skimage:faces|textures|photos[:CLASSES]",
+    "glyphs:all|SCRIPT[+SCRIPT...][:CLASSES]",
+    "fractals:N[:CLASSES]",
     "tfds:NAME[:CLASSES]",
     "folder:PATH",
 )
@@ -65,7 +81,8 @@ class DataSpec:
     """A parsed spec string.
 
     Attributes:
-        source: `"digits"`, `"skimage"`, `"tfds"` or `"folder"`.
+        source: `"digits"`, `"skimage"`, `"glyphs"`, `"fractals"`,
+            `"tfds"` or `"folder"`.
         name: Dataset name within the source, or the folder path.
         classes: Class selectors (ints or names), or `None` for all.
     """
@@ -528,7 +545,7 @@ def _digits_source(name: str, options: _ReadOptions) -> _Source:
 
 
 def _skimage_source(name: str, options: _ReadOptions) -> _Source:
-    """`skimage.data`: 'faces' (lfw_subset) or 'textures' (patches)."""
+    """`skimage.data`: 'faces' (lfw_subset), 'textures' or 'photos' (patches)."""
     import skimage.data
     from skimage.util import img_as_float
 
@@ -553,6 +570,8 @@ def _skimage_source(name: str, options: _ReadOptions) -> _Source:
             {"all": _array_pool(_to_uint8_rgb(np.concatenate(patches), 1.0),
                                 np.concatenate(labels))},
         )
+    if name == "photos":
+        return _photos_source()
     raise DataError(
         f"Unknown skimage dataset {name!r}; choose one of "
         f"{', '.join(SKIMAGE_DATASETS)} ('skimage:faces')."
@@ -560,12 +579,49 @@ def _skimage_source(name: str, options: _ReadOptions) -> _Source:
 
 
 def _tiles(image: np.ndarray, size: int) -> np.ndarray:
-    """Non-overlapping `size` x `size` tiles of a 2-D image."""
+    """Non-overlapping `size` x `size` tiles of a 2-D (or HxWxC) image."""
     rows, cols = image.shape[0] // size, image.shape[1] // size
     image = image[: rows * size, : cols * size]
-    return image.reshape(rows, size, cols, size).swapaxes(1, 2).reshape(
-        -1, size, size
-    )
+    return image.reshape(rows, size, cols, size, *image.shape[2:]).swapaxes(
+        1, 2).reshape(-1, size, size, *image.shape[2:])
+
+
+def _photos_source() -> _Source:
+    """Colour patches of the photographs in `skimage.data` (`PHOTO_IMAGES`)."""
+    import skimage.data
+    from skimage.transform import rescale
+
+    patches, labels = [], []
+    for class_id, image_name in enumerate(PHOTO_IMAGES):
+        image = getattr(skimage.data, image_name)()[..., :3]
+        image = rescale(image, PHOTO_SIDE / min(image.shape[:2]),
+                        channel_axis=-1, anti_aliasing=True)
+        tiles = _tiles(np.round(image * 255).astype(np.uint8),
+                       TEXTURE_PATCH)
+        patches.append(tiles)
+        labels.append(np.full(len(tiles), class_id))
+    return _Source(PHOTO_IMAGES,
+                   {"all": _array_pool(np.concatenate(patches),
+                                       np.concatenate(labels))})
+
+
+def _glyphs_source(name: str, options: _ReadOptions) -> _Source:
+    """Letters of the fonts inside matplotlib (`km_tf.synthetic.glyphs`)."""
+    from km_tf.synthetic import glyphs
+
+    images, labels, letters = glyphs.glyph_images(name.split("+"))
+    return _Source(tuple(letters), {"all": _array_pool(images, labels)})
+
+
+def _fractals_source(name: str, options: _ReadOptions) -> _Source:
+    """FractalDB-style fractals (`km_tf.synthetic.fractals`)."""
+    from km_tf.synthetic import fractals
+
+    if not name.isdigit():
+        raise DataError(f"'fractals:{name}' needs a class count: "
+                        "'fractals:N', e.g. 'fractals:100'.")
+    images, labels, names = fractals.fractal_images(int(name))
+    return _Source(tuple(names), {"all": _array_pool(images, labels)})
 
 
 def _folder_source(path: str, options: _ReadOptions) -> _Source:
@@ -766,6 +822,8 @@ def _tfds_pool(builder, split: str, image_key: str) -> _Pool:
 _SOURCES: dict[str, Callable[[str, _ReadOptions], _Source]] = {
     "digits": _digits_source,
     "skimage": _skimage_source,
+    "glyphs": _glyphs_source,
+    "fractals": _fractals_source,
     "tfds": _tfds_source,
     "folder": _folder_source,
 }
