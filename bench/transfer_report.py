@@ -78,36 +78,41 @@ def _cell(row: dict) -> str:
             f"{100 * row['test_accuracy_std']:.1f}")
 
 
+# Targets of the KM default on the mean over the suite (issue 15): ahead of
+# every other parameter-efficient method that stores at least as many bytes
+# (aim: by 2 points), ahead of BatchNorm + head by 5, within 3 of full.
+PEFT_AIM_POINTS = 2.0
+BN_HEAD_MARGIN_POINTS = 5.0
+FULL_GAP_POINTS = 3.0
+
+
 def comparisons(results: dict) -> list[str]:
-    """Plain statements of how KM compares with each baseline (computed)."""
+    """Plain statements of how KM compares with each baseline (computed),
+    each with its target where one applies."""
     summary, methods = results["summary"], results["methods"]
     if "km" not in summary:
         return []
     km = summary["km"]
     lines = []
-    # (baseline, the target KM should meet against it, if any)
-    for other in ("full", "bn_head", "lora", "head"):
-        if other not in summary:
+    for other, info in methods.items():
+        if info["group"] != "baseline":
             continue
-        delta = 100 * (km["mean_test_accuracy"]
-                       - summary[other]["mean_test_accuracy"])
-        ratio = km["mean_per_task_bytes"] / summary[other]["mean_per_task_bytes"]
+        row = summary[other]
+        delta = 100 * (km["mean_test_accuracy"] - row["mean_test_accuracy"])
+        ratio = km["mean_per_task_bytes"] / row["mean_per_task_bytes"]
         per_task = ", ".join(
-            f"{task} {100 * (km['tasks'][task]['test_accuracy_mean'] - summary[other]['tasks'][task]['test_accuracy_mean']):+.1f}"
+            f"{task} {100 * (km['tasks'][task]['test_accuracy_mean'] - row['tasks'][task]['test_accuracy_mean']):+.1f}"
             for task in results["tasks"])
         spread = 100 * float(np.hypot(km["mean_test_accuracy_std"],
-                                      summary[other]["mean_test_accuracy_std"]))
-        line = (f"- KM default vs {methods[other]['label']}: {delta:+.1f} "
-                f"points on average ({per_task}); "
+                                      row["mean_test_accuracy_std"]))
+        line = (f"- KM default vs {info['label']}: {delta:+.1f} points on "
+                f"average ({per_task}); "
                 f"{'within' if abs(delta) <= spread else 'outside'} the seed "
                 f"spread (combined sd {spread:.1f}); KM stores {ratio:.3g}x "
                 "its bytes.")
-        if other == "full":
-            line += (" Target \"within 1 point of full fine-tuning\": "
-                     f"{'met' if delta >= -1.0 else 'NOT met'}.")
-        elif other in ("bn_head", "lora"):
-            line += (f" Target \"ahead of {methods[other]['label']}\": "
-                     f"{'met' if delta > 0 else 'NOT met'}.")
+        target = _target(other, delta, ratio)
+        if target:
+            line += f" Target {target}."
         lines.append(line)
     variants = {name: row for name, row in summary.items()
                 if methods[name]["group"] == "km"}
@@ -119,6 +124,24 @@ def comparisons(results: dict) -> list[str]:
         f"{100 * km['mean_test_accuracy']:.1f} ± "
         f"{100 * km['mean_test_accuracy_std']:.1f}).")
     return lines
+
+
+def _target(other: str, delta: float, byte_ratio: float) -> str:
+    """The target KM has against `other`, and whether it is met."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+    if other == "full":
+        return (f"\"within {FULL_GAP_POINTS:g} points of full fine-tuning\": "
+                f"{verdict(delta >= -FULL_GAP_POINTS)}")
+    if other == "bn_head":
+        return (f"\"ahead of BatchNorm + head by >= "
+                f"{BN_HEAD_MARGIN_POINTS:g} points\": "
+                f"{verdict(delta >= BN_HEAD_MARGIN_POINTS)}")
+    if byte_ratio <= 1.1:  # Equal (within 10%) or fewer bytes.
+        return (f"\"ahead at equal or fewer bytes\": {verdict(delta > 0)}"
+                f" (aim +{PEFT_AIM_POINTS:g}: "
+                f"{verdict(delta >= PEFT_AIM_POINTS)})")
+    return ""
 
 
 def markdown(results: dict, plot_name: str) -> str:
@@ -184,9 +207,11 @@ def markdown(results: dict, plot_name: str) -> str:
         f"split, mean ± sd over {seeds} seed(s). Per-task bytes: float32 "
         "tensors a task stores besides the shared base (trained variables "
         "plus the moving statistics of BatchNorm layers that train; the whole "
-        "network for full fine-tuning; LoRA matrices + BatchNorm + head for "
+        "network for full fine-tuning; LoRA matrices + head (+ BatchNorm) for "
         "LoRA, whose depthwise kernels stay frozen since Keras has no "
-        "depthwise LoRA).",
+        "depthwise LoRA; BitFit counts its BatchNorm layers whole). LoRA "
+        "ranks: the rank whose bytes come closest to the default KM's, and "
+        "4x that rank.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -207,7 +232,7 @@ def markdown(results: dict, plot_name: str) -> str:
            "from ImageNet: it transfers weakly to other kinds of images, "
            "where methods that change more of the network gain more. The "
            "online suites are the setting of the paper."
-           if "pretrain" in base else ""),
+           if base.get("pretrain", "").startswith("digits") else ""),
         "",
         "## Chosen learning rates",
         "",
@@ -246,9 +271,11 @@ def how_to_run() -> list[str]:
         "",
         "Offline (this report; every number above): "
         "`.venv/bin/python bench/transfer.py` (pretrained base cached in "
-        "`bench/results/`, so reruns skip pretraining). Smoke run: "
-        "`--suite=smoke`. Subsets: `--methods=km,full --tasks=digits:5-9 "
-        "--seeds=1`.",
+        "`bench/cache/`, so reruns skip pretraining). The KM design study: "
+        "`--methods=ablation --output=bench/results/ablation "
+        "--markdown=bench/results/ABLATION.md`. The weak base: "
+        "`--suite=offline_weak`. Smoke run: `--suite=smoke`. Subsets: "
+        "`--methods=km,full --tasks=digits:5-9 --seeds=1`.",
         "",
         "Online (the paper's transfer setting; needs network for the ImageNet "
         "weights and the tfds datasets, e.g. pre-built with `tfds build`):",

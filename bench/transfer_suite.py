@@ -51,9 +51,11 @@ from absl import logging
 from km_tf import data as km_data
 from km_tf import models
 from km_tf.convert import set_task_trainability, modulate
+from km_tf.files import save_model_atomically
 from km_tf.tasks import task_variables
 from km_tf.training import OptimizerOptions, learning_rate_schedule
-from km_tf.walk import ROLE_FROZEN, ROLE_HEAD, layer_role, walk_layers
+from km_tf.walk import (ROLE_FROZEN, ROLE_HEAD, is_convolution, layer_role,
+                        walk_layers)
 
 HEAD = models.HEAD_NAME
 _MASKED_LOGIT = -1e9
@@ -72,9 +74,15 @@ class BaseSpec:
         image_size: Input height and width.
         alpha: Width multiplier (ignored for models without one).
         weights: `"imagenet"`, or `None` to pretrain on `pretrain` here.
-        pretrain: Dataset spec of the source task (when `weights` is None).
+        pretrain: Dataset specs of the source task (when `weights` is None),
+            joined with spaces; several specs are one task whose classes
+            are all of theirs (e.g. fractals and glyphs).
         pretrain_steps: Training steps of the source task.
         pretrain_lr: Peak Adam learning rate of the source task.
+        pretrain_batch_size: Batch size of the source task.
+        pretrain_augment: Augmentation strength of the source task.
+        pretrain_holdout: `(validation, test)` fractions carved from each
+            source class (the test part gives the base's reported accuracy).
         bn_momentum: BatchNorm momentum of the base (BUILD.md).
     """
 
@@ -85,6 +93,9 @@ class BaseSpec:
     pretrain: str | None = "digits:0-4"
     pretrain_steps: int = 600
     pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 32
+    pretrain_augment: float = 0.0
+    pretrain_holdout: tuple[float, float] = (0.15, 0.15)
     bn_momentum: float = 0.9
 
     def cache_name(self) -> str:
@@ -93,10 +104,17 @@ class BaseSpec:
         `_pixels`: the base takes pixels in [0, 255] (in-model
         normalisation); bases cached before that took normalised inputs.
         """
-        source = (self.pretrain or "none").replace(":", "-").replace(",", "_")
+        source = (self.pretrain or "none").replace(":", "-").replace(
+            ",", "_").replace(" ", "_").replace("+", "_")
+        extra = (f"_b{self.pretrain_batch_size}_aug{self.pretrain_augment}_"
+                 f"holdout{self.pretrain_holdout[0]}-{self.pretrain_holdout[1]}"
+                 if (self.pretrain_batch_size, self.pretrain_augment,
+                     self.pretrain_holdout) != (32, 0.0, (0.15, 0.15))
+                 else "")
         return (f"base_{self.model}_a{self.alpha}_{self.image_size}px_"
                 f"{self.weights or source}_{self.pretrain_steps}steps_"
-                f"lr{self.pretrain_lr}_bn{self.bn_momentum}_pixels.keras")
+                f"lr{self.pretrain_lr}{extra}_bn{self.bn_momentum}_"
+                "pixels.keras")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +139,9 @@ class TaskSpec:
 
     @property
     def name(self) -> str:
-        """Short name: the spec without a `skimage:`/`tfds:` prefix."""
+        """Short name: the spec without a `skimage:`/`tfds:`/`glyphs:` prefix."""
         source, _, rest = self.spec.partition(":")
-        short = rest if source in ("skimage", "tfds") else self.spec
+        short = rest if source in ("skimage", "tfds", "glyphs") else self.spec
         return short.replace(":", "_")
 
 
@@ -155,19 +173,40 @@ class Suite:
     cache: bool = True
 
 
+# The strong offline base's source: FractalDB-style fractals and the
+# letters of two scripts; the glyph tasks below use scripts it never saw.
+# (All five big scripts, 2,518 classes, did not leave the loss plateau in
+# 1,500 steps on 2 cores; 723 classes at a higher rate do: BUILD.md.)
+PRETRAINING_SCRIPTS = "greek+cyrillic"
+STRONG_PRETRAINING = f"fractals:200 glyphs:{PRETRAINING_SCRIPTS}"
 OFFLINE_TASKS = (
     TaskSpec("digits:5-9", shots=40, flip=False),
     TaskSpec("skimage:faces"),
     TaskSpec("skimage:textures", shots=40),
+    TaskSpec("skimage:photos"),
+    TaskSpec("glyphs:armenian:0-19", shots=5, validation_fraction=0.3,
+             test_fraction=0.45, flip=False),
+    TaskSpec("glyphs:hebrew:0-19", shots=10, validation_fraction=0.25,
+             test_fraction=0.25, flip=False),
 )
 ONLINE_TASKS = tuple(
     TaskSpec(f"tfds:{name}", validation_fraction=0.1, test_fraction=0.0,
              flip=name != "svhn_cropped")  # All five have a native test split.
     for name in ("cifar100", "oxford_flowers102", "oxford_iiit_pet", "dtd",
                  "svhn_cropped"))
+STRONG_BASE = BaseSpec(pretrain=STRONG_PRETRAINING, pretrain_steps=10000,
+                       pretrain_lr=1e-2, pretrain_batch_size=64,
+                       pretrain_augment=0.5,
+                       pretrain_holdout=(0.0, 0.05))
 SUITES: dict[str, Suite] = {
-    # Runs here: ~15-25 min on 2 CPU cores.
-    "offline": Suite(BaseSpec(), OFFLINE_TASKS),
+    # Runs here: a base pretrained on fractals and glyphs (cached), six
+    # tasks of different kinds.
+    "offline": Suite(STRONG_BASE, OFFLINE_TASKS),
+    # The same tasks from a base pretrained on 500 digits (a weak base).
+    "offline_weak": Suite(BaseSpec(), OFFLINE_TASKS),
+    "offline_resnet18": Suite(
+        dataclasses.replace(STRONG_BASE, model="resnet18", alpha=1.0),
+        OFFLINE_TASKS),
     # The paper's transfer setting; needs network (ImageNet weights, tfds).
     "online_mobilenet_v2": Suite(
         BaseSpec("mobilenet_v2", 224, 1.0, "imagenet", None),
@@ -216,8 +255,44 @@ def build_base_model(spec: BaseSpec, num_classes: int) -> keras.Model:
         weights=spec.weights, bn_momentum=spec.bn_momentum)
 
 
-def pretrained_base(spec: BaseSpec, cache_dir: str | os.PathLike,
-                    batch_size: int = 32) -> tuple[keras.Model, dict]:
+def pretraining_data(spec: BaseSpec) -> tuple[tf.data.Dataset,
+                                              tf.data.Dataset, int]:
+    """`(train, test, num_classes)` of the base's source task.
+
+    Several specs (`spec.pretrain` joined by spaces) become one task: their
+    labels are offset to follow each other, and training batches mix them
+    in proportion to their sizes.
+    """
+    trains, tests, counts, offset = [], [], [], 0
+    for source_spec in spec.pretrain.split():
+        source = km_data.load(
+            source_spec, image_size=spec.image_size,
+            batch_size=spec.pretrain_batch_size, flip=False, seed=0,
+            augment=spec.pretrain_augment,
+            validation_fraction=spec.pretrain_holdout[0],
+            test_fraction=spec.pretrain_holdout[1])
+
+        def shift(images, labels, offset=offset):
+            return images, labels + offset
+        trains.append(source.train.unbatch().map(shift).repeat())
+        tests.append(source.test.map(shift))
+        counts.append(source.counts["train"])
+        offset += source.num_classes
+    if len(trains) == 1:
+        train = trains[0]
+    else:
+        train = tf.data.Dataset.sample_from_datasets(
+            trains, weights=[count / sum(counts) for count in counts],
+            seed=0)
+    test = tests[0]
+    for more in tests[1:]:
+        test = test.concatenate(more)
+    return (train.batch(spec.pretrain_batch_size).prefetch(tf.data.AUTOTUNE),
+            test, offset)
+
+
+def pretrained_base(spec: BaseSpec, cache_dir: str | os.PathLike
+                    ) -> tuple[keras.Model, dict]:
     """Returns the base classifier and a report, pretraining it if needed.
 
     ImageNet bases are only built. Otherwise the base is trained on
@@ -228,29 +303,28 @@ def pretrained_base(spec: BaseSpec, cache_dir: str | os.PathLike,
         base = build_base_model(spec, 1000)
         return base, {"weights": spec.weights, "params": base.count_params()}
     path = os.path.join(cache_dir, spec.cache_name())
-    source = km_data.load(spec.pretrain, image_size=spec.image_size,
-                          batch_size=batch_size, flip=False, seed=0)
+    train, test, num_classes = pretraining_data(spec)
     if os.path.exists(path):
         logging.info("Loading the cached base %s.", path)
         base = keras.saving.load_model(path, compile=False)
         seconds = 0.0
     else:
-        logging.info("Pretraining %s on %s for %d steps.", spec.model,
-                     spec.pretrain, spec.pretrain_steps)
+        logging.info("Pretraining %s on %s (%d classes) for %d steps.",
+                     spec.model, spec.pretrain, num_classes,
+                     spec.pretrain_steps)
         keras.utils.set_random_seed(0)
-        base = _full(build_base_model(spec, source.num_classes), 0)
+        base = _full(build_base_model(spec, num_classes), 0)
         start = time.perf_counter()
-        trainer = Trainer(base, source.num_classes)
-        trainer.train(source.train, source.num_classes, spec.pretrain_steps,
-                      spec.pretrain_lr)
+        trainer = Trainer(base, num_classes)
+        trainer.train(train, num_classes, spec.pretrain_steps,
+                      spec.pretrain_lr, log_every=500)
         seconds = time.perf_counter() - start
         os.makedirs(cache_dir, exist_ok=True)
-        base.save(path)
-    accuracy, _ = Trainer(base, source.num_classes).evaluate(
-        source.test, source.num_classes)
+        save_model_atomically(base, path)
+    accuracy, _ = Trainer(base, num_classes).evaluate(test, num_classes)
     logging.info("Base test accuracy on %s: %.3f", spec.pretrain, accuracy)
     return base, {"pretrain": spec.pretrain, "cache": os.path.basename(path),
-                  "params": base.count_params(),
+                  "classes": num_classes, "params": base.count_params(),
                   "pretrain_test_accuracy": round(accuracy, 4),
                   "pretrain_seconds": round(seconds, 1)}
 
@@ -271,6 +345,12 @@ class Method:
             per-task variables trainable; `task_model` is a fresh copy of
             the base with a new head.
         km_options: `km_tf.modulate` options (KM methods only).
+        lora_scale: LoRA methods: the rank is this multiple of the rank
+            whose per-task bytes come closest to the default KM's (0: not a
+            LoRA method).
+        rate_factors: `(others, head)`: the learning rates of the per-task
+            variables other than the head, and of the head, as multiples of
+            the swept rate.
     """
 
     name: str
@@ -278,6 +358,8 @@ class Method:
     group: str
     prepare: Callable[[keras.Model, int], keras.Model]
     km_options: dict[str, Any] | None = None
+    lora_scale: int = 0
+    rate_factors: tuple[float, float] = (1.0, 1.0)
 
 
 def _head_only(model: keras.Model, rank: int) -> keras.Model:
@@ -296,6 +378,21 @@ def _batchnorm_head(model: keras.Model, rank: int) -> keras.Model:
     return model
 
 
+def _bitfit(model: keras.Model, rank: int) -> keras.Model:
+    """BitFit-style: every bias trains (BatchNorm beta, convolution biases),
+    BatchNorm statistics follow the task, and the head trains; BatchNorm
+    gamma and every kernel stay frozen."""
+    _batchnorm_head(model, rank)
+    for _, layer in walk_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.scale:
+            layer.gamma.trainable = False
+        elif is_convolution(layer) and getattr(layer, "use_bias", False):
+            layer.trainable = True
+            for variable in layer.weights:
+                variable.trainable = variable is layer.bias
+    return model
+
+
 def _full(model: keras.Model, rank: int) -> keras.Model:
     """Every layer trains (flags set one by one; BUILD.md)."""
     for _, layer in walk_layers(model):
@@ -309,19 +406,22 @@ def lora_layers(model: keras.Model) -> list[keras.layers.Conv2D]:
             if type(layer) is keras.layers.Conv2D]
 
 
-def _lora(model: keras.Model, rank: int) -> keras.Model:
-    """LoRA on every Conv2D, plus BatchNorm and head, base kernels frozen.
+def _lora(batchnorm: str) -> Callable[[keras.Model, int], keras.Model]:
+    """LoRA on every Conv2D plus the head (and BatchNorm if `batchnorm` is
+    `"train"`), base kernels frozen.
 
     Layer flags first, then `enable_lora` (which freezes `_kernel`), then
     the conv biases: setting `trainable` after would unfreeze them.
     """
-    _batchnorm_head(model, rank)
-    for layer in lora_layers(model):
-        layer.trainable = True
-        layer.enable_lora(rank)
-        if layer.use_bias:
-            layer.bias.trainable = False
-    return model
+    def prepare(model: keras.Model, rank: int) -> keras.Model:
+        set_task_trainability(model, batchnorm=batchnorm, head={HEAD})
+        for layer in lora_layers(model):
+            layer.trainable = True
+            layer.enable_lora(rank)
+            if layer.use_bias:
+                layer.bias.trainable = False
+        return model
+    return prepare
 
 
 def _km(**options: Any) -> Callable[[keras.Model, int], keras.Model]:
@@ -343,47 +443,84 @@ def _km_label(options: dict[str, Any]) -> str:
     sizes = {"spatial": f"h{settings['hidden_units']}",
              "filter": f"f{settings['filter_units']}"}.get(
         form, f"h{settings['hidden_units']}/f{settings['filter_units']}")
-    frozen = ", BN frozen" if settings["batchnorm"] == "freeze" else ""
-    return f"{form} {sizes}{frozen}"
+    bn = {"freeze": ", BN frozen", "train": ", BN trained"}[
+        settings["batchnorm"]]
+    return f"{form} {sizes}{bn}"
 
 
-def _km_method(name: str, **options: Any) -> Method:
+def _km_method(name: str, rate_factors: tuple[float, float] = (1.0, 1.0),
+               **options: Any) -> Method:
     label = ("KM default (" + _km_label(options) + ")" if name == "km"
              else "KM " + _km_label(options))
-    return Method(name, label, "km", _km(**options), options)
+    others, head = rate_factors
+    if head != 1.0:
+        label += f", head lr x{head:g}"
+    if others != 1.0:
+        label += f", modulator lr x{others:g}"
+    return Method(name, label, "km", _km(**options), options,
+                  rate_factors=rate_factors)
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (
     Method("head", "head only", "baseline", _head_only),
     Method("bn_head", "BatchNorm + head", "baseline", _batchnorm_head),
-    Method("lora", "LoRA + BN + head", "baseline", _lora),
+    Method("bitfit", "BitFit: biases + BN statistics + head", "baseline",
+           _bitfit),
+    Method("lora", "LoRA + head", "baseline", _lora("freeze"), lora_scale=1),
+    Method("lora_x4", "LoRA + head, 4x rank", "baseline", _lora("freeze"),
+           lora_scale=4),
+    Method("lora_bn", "LoRA + BN + head", "baseline", _lora("train"),
+           lora_scale=1),
     _km_method("km"),
-    _km_method("km_spatial16", form="spatial", hidden_units=16),
-    _km_method("km_spatial64", form="spatial", hidden_units=64),
-    _km_method("km_filter4", form="filter", filter_units=4),
+    _km_method("km_bntrain", batchnorm="train"),
     _km_method("km_bnfreeze", batchnorm="freeze"),
+    _km_method("km_h8", hidden_units=8),
+    _km_method("km_h32", hidden_units=32),
+    _km_method("km_f2", filter_units=2),
+    _km_method("km_f4", filter_units=4),
+    _km_method("km_f4_bnfreeze", filter_units=4, batchnorm="freeze"),
+    _km_method("km_spatial16", form="spatial", hidden_units=16),
+    _km_method("km_filter4", form="filter", filter_units=4),
+    _km_method("km_head3", rate_factors=(1.0, 3.0)),
+    _km_method("km_head10", rate_factors=(1.0, 10.0)),
+    _km_method("km_mlr10", rate_factors=(0.1, 1.0)),
+    _km_method("km_mlr30", rate_factors=(1 / 30, 1.0)),
     Method("full", "full fine-tuning", "baseline", _full),
 )}
+# What `bench/transfer.py` runs by default: the baselines and the default
+# KM. `--methods=ablation` runs the KM design study.
+MAIN_METHODS = ("head", "bn_head", "bitfit", "lora", "lora_x4", "lora_bn",
+                "km", "full")
+ABLATION_METHODS = tuple(name for name, method in METHODS.items()
+                         if method.group == "km")
 
 
 def method_names(requested: Sequence[str] | None = None) -> list[str]:
     """Methods to run, in table order, without KM variants equal to `km`.
 
-    A variant whose options resolve to the defaults (e.g. `km_spatial16`
+    Args:
+        requested: Method names; `"main"` stands for `MAIN_METHODS` (the
+            default), `"ablation"` for `ABLATION_METHODS`, `"all"` for
+            every method.
+
+    A variant whose settings resolve to the defaults (e.g. `km_spatial16`
     if the default were spatial/16) duplicates `km` and is dropped.
     """
-    defaults = km_defaults()
-    names = list(requested or METHODS)
+    groups = {"main": MAIN_METHODS, "ablation": ABLATION_METHODS,
+              "all": tuple(METHODS)}
+    names = [name for item in (requested or ["main"])
+             for name in groups.get(item, (item,))]
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; choose from "
-                         f"{', '.join(METHODS)}.")
+                         f"{', '.join(METHODS)}, or {', '.join(groups)}.")
+    defaults = km_defaults()
     kept = []
-    for name in METHODS:
-        method = METHODS[name]
+    for name, method in METHODS.items():
         if name not in names:
             continue
         if (method.km_options and name != "km" and "km" in names
+                and method.rate_factors == (1.0, 1.0)
                 and {**defaults, **method.km_options} == defaults):
             continue
         kept.append(name)
@@ -425,15 +562,16 @@ def lora_params(model: keras.Model, rank: int) -> int:
                for layer in lora_layers(model))
 
 
-def matching_lora_rank(task_model: keras.Model, target_bytes: int) -> int:
-    """The LoRA rank whose per-task bytes come closest to `target_bytes`."""
+def matching_lora_rank(task_model: keras.Model, target_bytes: int,
+                       method: str = "lora_bn") -> int:
+    """The rank at which LoRA `method` stores closest to `target_bytes`."""
     outputs = task_model.outputs[0].shape[-1]
-    fixed = per_task_bytes(_batchnorm_head(
-        models.replace_head(task_model, outputs), 0))
+    at_rank_one = per_task_bytes(METHODS[method].prepare(
+        models.replace_head(task_model, outputs), 1))
     per_rank = 4 * lora_params(task_model, 1)
     if per_rank == 0:
         return 1
-    return max(1, round((target_bytes - fixed) / per_rank))
+    return max(1, 1 + round((target_bytes - at_rank_one) / per_rank))
 
 
 # ----------------------------------------------------------------------------
@@ -452,10 +590,25 @@ class Trainer:
         outputs: Logits of the model.
     """
 
-    def __init__(self, model: keras.Model, outputs: int) -> None:
+    def __init__(self, model: keras.Model, outputs: int,
+                 rate_factors: tuple[float, float] = (1.0, 1.0)) -> None:
         self.model = model
-        self.optimizer = keras.optimizers.Adam(learning_rate=1e-3)
-        self.optimizer.build(model.trainable_variables)
+        head = {id(item.variable) for item in task_variables(model)
+                if item.role == ROLE_HEAD}
+        trainable = model.trainable_variables
+        # One Adam optimizer per rate (Adam is scale invariant: scaling
+        # gradients would not change its steps).
+        if rate_factors[0] == rate_factors[1]:
+            self.groups = [trainable]
+            self.factors = [rate_factors[0]]
+        else:
+            self.groups = [[v for v in trainable if id(v) not in head],
+                           [v for v in trainable if id(v) in head]]
+            self.factors = list(rate_factors)
+        self.optimizers = [keras.optimizers.Adam(learning_rate=1e-3)
+                           for _ in self.groups]
+        for optimizer, group in zip(self.optimizers, self.groups):
+            optimizer.build(group)
         self.mask = tf.Variable(tf.zeros([outputs]), trainable=False)
         self.outputs = outputs
         shape = [None, *model.inputs[0].shape[1:]]
@@ -473,11 +626,13 @@ class Trainer:
             labels, logits)
 
     def _step(self, images, labels):
-        variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             _, losses = self._masked(images, labels, training=True)
             loss = tf.reduce_mean(losses)
-        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        gradients = tape.gradient(loss, self.groups)
+        for optimizer, group, grads in zip(self.optimizers, self.groups,
+                                           gradients):
+            optimizer.apply(grads, group)
         return loss
 
     def _batch_scores(self, images, labels):
@@ -501,11 +656,12 @@ class Trainer:
         """Assigns `values` to the model's variables, zeroes the optimizer."""
         for variable, value in zip(self.model.variables, values, strict=True):
             variable.assign(value)
-        for variable in self.optimizer.variables:
-            variable.assign(tf.zeros(variable.shape, variable.dtype))
+        for optimizer in self.optimizers:
+            for variable in optimizer.variables:
+                variable.assign(tf.zeros(variable.shape, variable.dtype))
 
     def train(self, dataset: tf.data.Dataset, num_classes: int, steps: int,
-              peak_rate: float) -> float:
+              peak_rate: float, log_every: int = 0) -> float:
         """Trains `steps` Adam steps with cosine decay; returns the last loss.
 
         The rate follows `km_tf.training`'s cosine schedule (Keras'
@@ -518,8 +674,12 @@ class Trainer:
         loss = float("nan")
         batches = iter(dataset.repeat())
         for step in range(steps):
-            self.optimizer.learning_rate = float(schedule(step))
+            rate = float(schedule(step))
+            for optimizer, factor in zip(self.optimizers, self.factors):
+                optimizer.learning_rate = rate * factor
             loss = self.step(*next(batches))
+            if log_every and (step + 1) % log_every == 0:
+                logging.info("Step %d/%d: loss %.3f", step + 1, steps, loss)
         return loss
 
     def evaluate(self, dataset: tf.data.Dataset,
@@ -570,8 +730,7 @@ def run_suite(suite: Suite, output_dir: str | os.PathLike,
               progress: Callable[[str], None] = logging.info) -> dict:
     """Runs every method on every task; returns the JSON-ready results."""
     start = time.perf_counter()
-    base, base_report = pretrained_base(suite.base, output_dir,
-                                        suite.batch_size)
+    base, base_report = pretrained_base(suite.base, output_dir)
     names = method_names(suite.methods)
 
     def load(task: TaskSpec, seed: int) -> km_data.ImageDatasets:
@@ -589,26 +748,30 @@ def run_suite(suite: Suite, output_dir: str | os.PathLike,
     counts = {task.name: datasets[task.name, 0].counts for task in suite.tasks}
     outputs = max(classes.values())
 
-    km_model = modulate(_task_model(base, outputs, 0))
-    rank = matching_lora_rank(_task_model(base, outputs, 0),
-                              per_task_bytes(km_model, outputs))
-    del km_model
-    progress(f"LoRA rank {rank} matches the default KM's per-task bytes.")
+    km_bytes = per_task_bytes(modulate(_task_model(base, outputs, 0)),
+                              outputs)
+    ranks = {name: METHODS[name].lora_scale * matching_lora_rank(
+                 _task_model(base, outputs, 0), km_bytes, name)
+             for name in names if METHODS[name].lora_scale}
+    progress(f"LoRA ranks {ranks} (scale x the rank matching the default "
+             "KM's per-task bytes).")
 
     runs: list[RunResult] = []
     method_info: dict[str, dict] = {}
     for index, name in enumerate(names, start=1):
         method = METHODS[name]
+        rank = ranks.get(name, 0)
         method_start = time.perf_counter()
         inits = []
         for seed in range(suite.seeds):
             model = method.prepare(_task_model(base, outputs, seed), rank)
             inits.append(_variable_values(model))
-        trainer = Trainer(model, outputs)
+        trainer = Trainer(model, outputs, method.rate_factors)
         method_info[name] = {
             "label": method.label, "group": method.group,
             "km_options": method.km_options,
-            "lora_rank": rank if name == "lora" else None,
+            "lora_rank": rank or None,
+            "rate_factors": list(method.rate_factors),
             "per_task_bytes": {task: per_task_bytes(model, k)
                                for task, k in classes.items()},
             "trainable_variables": len(model.trainable_variables),

@@ -3,6 +3,9 @@
 import json
 
 import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 from absl import flags
 
 import km_tf
@@ -15,14 +18,50 @@ def _task_model(num_classes: int = 5) -> keras.Model:
 
 
 def test_every_method_trains_only_its_per_task_variables():
-    for name in suite.method_names():
+    for name in suite.method_names(["all"]):
         model = suite.METHODS[name].prepare(_task_model(), 2)
         trainable = {v.path for v in model.trainable_variables}
         assert trainable, name
         assert any("head" in path for path in trainable), name
-        if name in ("head", "bn_head", "lora") or name.startswith("km"):
+        if name != "full":
             assert not any(path.endswith("stem/kernel") for path in
                            trainable), (name, trainable)
+
+
+def test_bitfit_trains_biases_and_head_only():
+    model = suite.METHODS["bitfit"].prepare(_task_model(), 0)
+    trainable = {v.path.split("/", 1)[1] if "/" in v.path else v.path
+                 for v in model.trainable_variables}
+    assert {"beta", "kernel", "bias"} == trainable, trainable
+    assert all(v.path.startswith("head/") for v in model.trainable_variables
+               if not v.path.endswith("beta"))
+
+
+def test_method_groups_expand_and_unknown_names_are_refused():
+    assert suite.method_names() == list(suite.MAIN_METHODS)
+    assert set(suite.method_names(["ablation"])) <= set(
+        suite.ABLATION_METHODS)
+    with pytest.raises(ValueError, match="Unknown methods"):
+        suite.method_names(["lora_x9"])
+
+
+def test_head_rate_ratio_scales_only_the_heads_steps():
+    """Adam's first step moves every weight with a gradient by ~the rate:
+    with a head ratio of 10, the head moves 10x as far as the modulators."""
+    model = suite.METHODS["km_head10"].prepare(_task_model(), 0)
+    trainer = suite.Trainer(model, 5, rate_factors=(1.0, 10.0))
+    before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3))
+    labels = np.arange(8) % 5
+    dataset = tf.data.Dataset.from_tensors((images.astype("float32"),
+                                            labels.astype("int32")))
+    trainer.train(dataset, 5, steps=1, peak_rate=1e-3)
+    moves = {v.path: float(np.abs(keras.ops.convert_to_numpy(v) - b).max())
+             for v, b in zip(model.trainable_variables, before)}
+    head = max(m for path, m in moves.items() if path.startswith("head/"))
+    modulators = max(m for path, m in moves.items() if "modulator" in path)
+    assert head == pytest.approx(1e-2, rel=0.05)
+    assert modulators == pytest.approx(1e-3, rel=0.05)
 
 
 def test_lora_freezes_kernels_and_leaves_depthwise_alone():
@@ -46,20 +85,20 @@ def test_per_task_bytes_counts_the_right_tensors():
 
 
 def test_lora_rank_matches_target_bytes():
-    model = _task_model()
-    target = suite.per_task_bytes(
-        suite.METHODS["lora"].prepare(_task_model(), 4))
-    assert suite.matching_lora_rank(model, target) == 4
+    for method in ("lora", "lora_bn"):
+        target = suite.per_task_bytes(
+            suite.METHODS[method].prepare(_task_model(), 4))
+        assert suite.matching_lora_rank(_task_model(), target, method) == 4
 
 
 def test_km_variants_equal_to_the_default_are_dropped():
-    names = suite.method_names()
-    options = [{**suite.km_defaults(),
-                **(suite.METHODS[n].km_options or {})}
-               for n in names if suite.METHODS[n].group == "km"]
-    assert len(options) == len({json.dumps(o, sort_keys=True)
-                                for o in options})
-    assert {"head", "bn_head", "lora", "km", "full"} <= set(names)
+    names = suite.method_names(["all"])
+    settings = [{**suite.km_defaults(), **(suite.METHODS[n].km_options or {}),
+                 "rate_factors": suite.METHODS[n].rate_factors}
+                for n in names if suite.METHODS[n].group == "km"]
+    assert len(settings) == len({json.dumps(o, sort_keys=True)
+                                 for o in settings})
+    assert set(suite.MAIN_METHODS) <= set(names)
 
 
 def test_smoke_suite_writes_json_png_and_results(tmp_path):
@@ -68,7 +107,8 @@ def test_smoke_suite_writes_json_png_and_results(tmp_path):
     output = tmp_path / "transfer"
     markdown = tmp_path / "RESULTS.md"
     flags.FLAGS(["transfer.py", "--suite=smoke", f"--output={output}",
-                 f"--markdown={markdown}", "--steps=2"])
+                 f"--markdown={markdown}", "--steps=2",
+                 f"--cache_dir={tmp_path / 'cache'}"])
     try:
         transfer.main([])
     finally:
@@ -81,5 +121,60 @@ def test_smoke_suite_writes_json_png_and_results(tmp_path):
     for info in results["methods"].values():
         assert info["label"] in text
     assert "transfer.png" in text
-    # The pretrained base is cached next to the results for reruns.
-    assert list(tmp_path.glob("base_tiny_convnet_*.keras"))
+    # The pretrained base is cached for reruns.
+    assert list((tmp_path / "cache").glob("base_tiny_convnet_*.keras"))
+
+
+def test_offline_suite_runs_on_a_tiny_budget(tmp_path, monkeypatch):
+    """The real offline suite's data (generated pretraining classes, all six
+    target tasks) through the whole program, on a tiny network and budget."""
+    import transfer
+
+    monkeypatch.setenv("KM_TF_CACHE_DIR", str(tmp_path / "generated"))
+    output = tmp_path / "transfer"
+    flags.FLAGS(["transfer.py", f"--output={output}",
+                 f"--markdown={tmp_path / 'RESULTS.md'}", "--steps=2",
+                 "--model=tiny_convnet", "--image_size=16",
+                 "--pretrain=fractals:4 glyphs:ogham", "--pretrain_steps=3",
+                 "--seeds=1", "--learning_rates=0.01",
+                 "--methods=head,lora,km", f"--cache_dir={tmp_path / 'cache'}"])
+    try:
+        transfer.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    results = json.loads(output.with_suffix(".json").read_text())
+    assert [t.name for t in suite.OFFLINE_TASKS] == list(results["tasks"])
+    assert results["base"]["classes"] == 4 + 26
+    assert results["tasks"]["armenian_0-19"]["classes"] == 20
+    assert results["methods"]["lora"]["lora_rank"] >= 1
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "Target" in text and "KM default vs LoRA + head" in text
+
+
+def _result(methods: dict[str, float], steps: int = 60) -> dict:
+    """A results dict of `bench/transfer.py`'s shape (one task)."""
+    suite_fields = {"base": {"model": "m"}, "tasks": [], "steps": steps,
+                    "batch_size": 32, "learning_rates": [0.01], "seeds": 3,
+                    "augment": 0.0}
+    return {"suite": suite_fields, "tasks": {"t": {}},
+            "methods": {name: {"label": name.upper()} for name in methods},
+            "summary": {name: {"mean_test_accuracy": accuracy,
+                               "mean_test_accuracy_std": 0.01,
+                               "mean_per_task_bytes": 2048,
+                               "tasks": {"t": {"test_accuracy_mean":
+                                               accuracy}}}
+                        for name, accuracy in methods.items()}}
+
+
+def test_ablation_table_merges_runs_against_the_default():
+    import ablation_table  # bench/ablation_table.py
+
+    tasks, rows = ablation_table.merged_rows(
+        [_result({"km": 0.5, "head": 0.4}), _result({"km_f4": 0.55,
+                                                     "km": 0.1})])
+    assert list(rows) == ["km", "head", "km_f4"]
+    lines = ablation_table.table(tasks, rows)
+    assert lines[-1].startswith("| KM_F4 | 55.0 | 55.0 ± 1.0 | 2.0 KB | +5.0")
+    with pytest.raises(ValueError, match="steps"):
+        ablation_table.merged_rows([_result({"km": 0.5}),
+                                    _result({"km": 0.5}, steps=2)])
