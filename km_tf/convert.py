@@ -103,14 +103,7 @@ def modulate(
                                  "filter_units": filter_units})
 
     modulated = clone_layers(model, clone_layer)
-    for (_, source), (_, target) in zip(walk_layers(model),
-                                        walk_layers(modulated)):
-        if isinstance(target, KM_LAYERS):
-            target.base_kernel.assign(source.kernel)
-            if target.use_bias:
-                target.bias.assign(source.bias)
-        else:
-            target.set_weights(source.get_weights())
+    copy_base_weights(model, modulated)
     set_task_trainability(modulated, batchnorm=batchnorm, head=head)
     return modulated
 
@@ -148,6 +141,27 @@ def bake(model: keras.Model) -> keras.Model:
         else:
             target.set_weights(source.get_weights())
     return baked
+
+
+def copy_base_weights(source: keras.Model, target: keras.Model) -> None:
+    """Copies every layer's weights into a layer-for-layer clone.
+
+    Between a KM convolution and a plain one (either way round) the base
+    kernel and bias go across: the plain layer's `kernel` is the KM layer's
+    `base_kernel`, never the modulated kernel. Other layers copy all their
+    weights.
+    """
+    for (_, origin), (_, copy) in zip(walk_layers(source),
+                                      walk_layers(target), strict=True):
+        if isinstance(origin, KM_LAYERS) or isinstance(copy, KM_LAYERS):
+            kernel = (origin.base_kernel if isinstance(origin, KM_LAYERS)
+                      else origin.kernel)
+            (copy.base_kernel if isinstance(copy, KM_LAYERS)
+             else copy.kernel).assign(kernel)
+            if copy.use_bias:
+                copy.bias.assign(origin.bias)
+        else:
+            copy.set_weights(origin.get_weights())
 
 
 def _copy_layer(layer: keras.layers.Layer) -> keras.layers.Layer:

@@ -1,7 +1,25 @@
-"""Small models and data shared by the tests."""
+"""Small models, data and process helpers shared by the tests."""
+
+import subprocess
 
 import keras
 import numpy as np
+import pytest
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    """Waits for a program started with `stdout=PIPE`; returns its output.
+
+    Fails the test with the output's tail if it times out or exits non-zero.
+    """
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"the program timed out:\n{(output or '')[-3000:]}")
+    assert process.returncode == 0, (output or "")[-4000:]
+    return output or ""
 
 
 def small_convnet(input_shape=(16, 16, 3), num_classes=3,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from support import finish
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 EPOCHS = 2
@@ -70,17 +72,6 @@ def run_script(mode: str, output_dir: Path, env: dict | None = None,
     return subprocess.Popen(
         [sys.executable, __file__, mode, str(output_dir)], env=environment,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        pytest.fail(f"worker timed out:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
-    return output
 
 
 def test_mirrored_over_two_devices_matches_the_default_loss_curve(tmp_path):

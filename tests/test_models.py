@@ -19,6 +19,7 @@ SMALL_ALPHA = {
     "resnet18": 0.25,
     "resnet34": 0.25,
     "resnet50": 1.0,
+    "conv4": 0.125,
 }
 
 

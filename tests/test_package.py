@@ -12,11 +12,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = {"km-train": "train", "km-evaluate": "evaluate",
             "km-tune": "tune", "km-export": "export",
-            "km-export-packs": "export_packs"}
+            "km-export-packs": "export_packs", "km-meta-train": "meta_train"}
 # A flag each program's help must list.
 KEY_FLAG = {"km-train": "--output_dir", "km-evaluate": "--task",
             "km-tune": "--max_task_percent", "km-export": "--calibration_data",
-            "km-export-packs": "--plan_kernels"}
+            "km-export-packs": "--plan_kernels", "km-meta-train": "--shots"}
 
 
 @pytest.fixture(scope="module")

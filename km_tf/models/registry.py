@@ -11,6 +11,7 @@ from typing import Callable
 
 import keras
 
+from km_tf.models import conv4
 from km_tf.models import mobilenet
 from km_tf.models import resnet
 from km_tf.models.heads import add_head
@@ -55,6 +56,8 @@ MODELS: dict[str, ModelSpec] = {
     "resnet18": ModelSpec(resnet.resnet18, "tf"),
     "resnet34": ModelSpec(resnet.resnet34, "tf"),
     "resnet50": ModelSpec(resnet.resnet50, "caffe", width_multiplier=False),
+    # The few-shot learning backbone (MAML's): small, any size from 8 px.
+    "conv4": ModelSpec(conv4.conv4, "tf"),
 }
 MODEL_NAMES = tuple(MODELS)
 
@@ -119,9 +122,10 @@ def build_base(
 
     Args:
         name: One of `MODEL_NAMES`.
-        image_size: Input height and width (int for square), at least 32.
-        alpha: Width multiplier (MobileNets, ResNet18/34); must be 1.0 for
-            ResNet50.
+        image_size: Input height and width (int for square), at least 32
+            (8 for conv4).
+        alpha: Width multiplier (MobileNets, ResNet18/34, Conv-4); must be
+            1.0 for ResNet50.
         weights: `"imagenet"` (Keras download; raises
             `WeightsUnavailableError` when offline), `None` (random), or a
             local `.keras` / `.weights.h5` file of this trunk (as built
@@ -179,7 +183,8 @@ def build_model(
     Args:
         name: One of `MODEL_NAMES`.
         num_classes: Output classes.
-        image_size: Input height and width (int for square), at least 32.
+        image_size: Input height and width (int for square), at least 32
+            (8 for conv4).
         alpha: Width multiplier (not for ResNet50).
         weights: `"imagenet"` (trunk only; the head starts fresh), `None`, or
             a local `.keras` / `.weights.h5` file of this whole classifier

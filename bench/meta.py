@@ -1,0 +1,325 @@
+"""Few-shot benchmark: KM-MAML against ANIL, MAML and fine-tuning (issue 16).
+
+    .venv/bin/python bench/meta.py                  # full size (see below)
+    .venv/bin/python bench/meta.py --meta_steps=2 --eval_episodes=4 \\
+        --image_size=8 --alpha=0.125 --queries=2 --meta_batch_size=1 \\
+        --inner_steps=1 --finetune_steps=2 --output=/tmp/meta   # smoke run
+
+One protocol for every method: 5-way 1-shot and 5-shot episodes of the
+offline glyph split (`km_tf.meta.pools`: meta-train latin, greek, cyrillic,
+arabic and canadian letters; meta-test letters of seven scripts that
+meta-training never sees), the same Conv-4 (`km_tf.models`, conv4) from the
+same seed, the same meta-training budget (--meta_steps outer steps of
+--meta_batch_size episodes; fine-tuning pretrains a classifier of all
+meta-training classes for as many steps, on as many images per step), and
+the same --eval_episodes meta-test episodes for every method (mean accuracy
+and its 95% confidence interval, `km_tf.meta.mean_confidence_interval`).
+
+    method      a task adapts                  meta-training
+    km_maml     modulators + head (task file)  everything (KM-MAML)
+    anil        head                           everything
+    maml        every weight                   everything
+    finetune    head, --finetune_steps steps   none: a pretrained base
+
+Per-task bytes are what one more task stores next to the shared base
+(`km_tf.meta.task_storage`). Meta-test scores use the query set's batch
+statistics for the meta-learners (transductive, as MAML reports) and the
+moving statistics for fine-tuning.
+
+Writes `<output>.json` and `<output>.md` (default bench/results/meta.*).
+
+Runtime of the full-size run on 2 CPU cores: about 2.5 to 3 hours,
+measured (6 steps per method, on cores shared with another job) at these
+seconds per meta-step, x 3000 steps, plus 600 meta-test episodes each:
+
+    5-way    km_maml  anil   maml   finetune (pretraining)
+    1-shot   0.20     0.10   0.19   0.09
+    5-shot   0.77     0.30   0.68   0.19
+
+i.e. ~2.1 h of training, ~0.45 h of evaluation (fine-tuning's 100 steps
+per episode cost the most: ~7 and ~10 minutes) and ~2 minutes of tracing.
+--methods and --shots run a part; a run is not resumable (use
+km-meta-train for long single runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from km_tf import meta, models  # noqa: E402
+from km_tf.meta import loop, pools as meta_pools  # noqa: E402
+from results_io import write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("km_maml", "anil", "maml", "finetune")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What `measure` runs; `main` fills it from the flags."""
+
+    data: str = meta_pools.DEFAULT_SPEC
+    methods: tuple[str, ...] = METHODS
+    shots: tuple[int, ...] = (1, 5)
+    ways: int = 5
+    queries: int = 15
+    model: str = "conv4"
+    alpha: float = 0.5
+    image_size: int = 28
+    meta_steps: int = 3000
+    meta_batch_size: int = 4
+    inner_steps: int = 5
+    eval_inner_steps: int = 10
+    inner_learning_rate: float = 0.1
+    first_order: bool = False
+    outer_learning_rate: float = 1e-3
+    finetune_steps: int = 100
+    finetune_learning_rate: float = 0.01
+    hidden_units: int | None = None
+    eval_episodes: int = 600
+    log_every: int = 100
+    seed: int = 0
+    verbose: int = 2
+
+
+def define_flags() -> None:
+    """The program's flags, defined only when it runs as a program (tests
+    import this module next to other bench modules with flags of the same
+    names)."""
+    defaults = Config()
+    flags.DEFINE_string("data", defaults.data, "Meta-learning data spec "
+                        f"({', '.join(meta_pools.SPEC_FORMS)}).")
+    flags.DEFINE_list("methods", list(defaults.methods),
+                      f"Methods, from {', '.join(METHODS)}.")
+    flags.DEFINE_list("shots", [str(s) for s in defaults.shots],
+                      "Shot settings (support images per class).")
+    flags.DEFINE_integer("ways", defaults.ways, "Classes per episode.")
+    flags.DEFINE_integer("queries", defaults.queries,
+                         "Query images per class.")
+    flags.DEFINE_string("model", defaults.model, "Base network (a "
+                        "km_tf.models name).")
+    flags.DEFINE_float("alpha", defaults.alpha, "Width multiplier.")
+    flags.DEFINE_integer("image_size", defaults.image_size,
+                         "Input height and width.")
+    flags.DEFINE_integer("meta_steps", defaults.meta_steps,
+                         "Meta-training (finetune: pretraining) steps.")
+    flags.DEFINE_integer("meta_batch_size", defaults.meta_batch_size,
+                         "Episodes per meta-step.")
+    flags.DEFINE_integer("inner_steps", defaults.inner_steps,
+                         "Inner steps when meta-training.")
+    flags.DEFINE_integer("eval_inner_steps", defaults.eval_inner_steps,
+                         "Inner steps when evaluating the meta-learners.")
+    flags.DEFINE_float("inner_learning_rate", defaults.inner_learning_rate,
+                       "Inner-loop step size.")
+    flags.DEFINE_bool("first_order", defaults.first_order,
+                      "First-order meta-gradients.")
+    flags.DEFINE_float("outer_learning_rate", defaults.outer_learning_rate,
+                       "Adam rate of meta-training and pretraining.")
+    flags.DEFINE_integer("finetune_steps", defaults.finetune_steps,
+                         "Fine-tuning steps per meta-test task.")
+    flags.DEFINE_float("finetune_learning_rate",
+                       defaults.finetune_learning_rate,
+                       "Fine-tuning step size.")
+    flags.DEFINE_integer("hidden_units", None,
+                         "Modulator hidden units (default: km_tf's).")
+    flags.DEFINE_integer("eval_episodes", defaults.eval_episodes,
+                         "Meta-test episodes per method and shot setting.")
+    flags.DEFINE_integer("log_every", defaults.log_every,
+                         "Steps per progress line.")
+    flags.DEFINE_integer("seed", defaults.seed, "Seed of weights and "
+                         "episodes.")
+    flags.DEFINE_string("output", str(RESULTS / "meta"),
+                        "Results path stem (.json and .md are written).")
+
+
+def config_from_flags() -> Config:
+    flag = flags.FLAGS
+    unknown = sorted(set(flag.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from "
+                         f"{', '.join(METHODS)}.")
+    return Config(
+        data=flag.data, methods=tuple(flag.methods),
+        shots=tuple(int(s) for s in flag.shots), ways=flag.ways,
+        queries=flag.queries, model=flag.model, alpha=flag.alpha,
+        image_size=flag.image_size, meta_steps=flag.meta_steps,
+        meta_batch_size=flag.meta_batch_size, inner_steps=flag.inner_steps,
+        eval_inner_steps=flag.eval_inner_steps,
+        inner_learning_rate=flag.inner_learning_rate,
+        first_order=flag.first_order,
+        outer_learning_rate=flag.outer_learning_rate,
+        finetune_steps=flag.finetune_steps,
+        finetune_learning_rate=flag.finetune_learning_rate,
+        hidden_units=flag.hidden_units, eval_episodes=flag.eval_episodes,
+        log_every=flag.log_every, seed=flag.seed)
+
+
+def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
+               shots: int) -> dict[str, Any]:
+    """Meta-trains (or pretrains) one method and scores it on the meta-test
+    episodes; the same seed, so the same initial weights and episodes, for
+    every method."""
+    keras.utils.set_random_seed(config.seed)
+    log = loop.ProgressLog(config.verbose)
+    log.message(f"== {method}, {config.ways}-way {shots}-shot")
+    optimizer = keras.optimizers.Adam(config.outer_learning_rate)
+    sampler = pools.sampler("train", ways=config.ways, shots=shots,
+                            queries=config.queries, seed=3 * config.seed)
+    if method == "finetune":
+        base = models.build_model(
+            config.model, pools.class_count("train"),
+            image_size=config.image_size, alpha=config.alpha, dropout=0.0)
+        stage = loop.classifier_stage(
+            base, optimizer, pools.images, pools.labels, pools.splits.train,
+            batch_size=config.meta_batch_size * config.ways * (
+                shots + config.queries), seed=3 * config.seed)
+    else:
+        base = models.build_model(
+            config.model, config.ways, image_size=config.image_size,
+            alpha=config.alpha, dropout=0.0)
+        options = meta.MetaOptions(
+            inner_steps=config.inner_steps,
+            inner_learning_rate=config.inner_learning_rate,
+            first_order=config.first_order,
+            eval_inner_steps=config.eval_inner_steps)
+        extra = ({"hidden_units": config.hidden_units}
+                 if method == "km_maml" and config.hidden_units else {})
+        learner = meta.make_learner(method, base, config.ways,
+                                    options=options, optimizer=optimizer,
+                                    **extra)
+        stage = loop.meta_stage(learner, sampler,
+                                meta_batch_size=config.meta_batch_size)
+    started = time.perf_counter()
+    history = loop.train(stage, strategy=tf.distribute.get_strategy(),
+                         steps=config.meta_steps,
+                         log_every=config.log_every, log=log)
+    train_seconds = time.perf_counter() - started
+    if method == "finetune":
+        learner = meta.finetune(base, config.ways, options=dataclasses.replace(
+            meta.FINETUNE_OPTIONS, inner_steps=config.finetune_steps,
+            inner_learning_rate=config.finetune_learning_rate))
+    test = pools.sampler("test", ways=config.ways, shots=shots,
+                         queries=config.queries, seed=3 * config.seed + 2)
+    started = time.perf_counter()
+    accuracies = learner.evaluate(test.episodes(config.eval_episodes))
+    eval_seconds = time.perf_counter() - started
+    mean, half_width = meta.mean_confidence_interval(accuracies)
+    log.message(f"{method} {shots}-shot: {100 * mean:.2f}% +- "
+                f"{100 * half_width:.2f}%")
+    # Steady-state seconds per step: the first interval holds the trace.
+    rates = [r["seconds_per_step"] for r in history[1:]] or [
+        r["seconds_per_step"] for r in history]
+    return {
+        "method": method, "shots": shots, "accuracy": mean,
+        "ci95": half_width, "episodes": len(accuracies),
+        "task_storage": meta.task_storage(learner).to_dict(),
+        "inner_steps": learner.options.evaluation_steps,
+        "transductive": learner.options.batch_statistics,
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_step": round(float(np.median(rates)), 4)
+        if rates else None,
+        "eval_seconds": round(eval_seconds, 3),
+        "final_loss": history[-1]["loss"] if history else None,
+    }
+
+
+def measure(config: Config) -> dict[str, Any]:
+    """Every method at every shot setting; the results as a dict."""
+    started = time.perf_counter()
+    pools = meta_pools.load_pools(config.data, config.image_size)
+    meta_pools.check_classes(pools, ways=config.ways,
+                             shots=max(config.shots),
+                             queries=config.queries)
+    runs = [run_method(config, pools, method, shots)
+            for shots in config.shots for method in config.methods]
+    return {
+        "config": dataclasses.asdict(config), "data": pools.summary(),
+        "runs": runs, "seconds": round(time.perf_counter() - started, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                   f"Python {platform.python_version()}, TensorFlow "
+                   f"{tf.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as a Markdown report."""
+    config, data = results["config"], results["data"]
+    classes = data["classes"]
+    lines = [
+        "# Few-shot meta-learning: KM-MAML, ANIL, MAML, fine-tuning",
+        "",
+        f"Command: `{results.get('command', 'python bench/meta.py')}`  ",
+        f"Machine: {results['machine']}; {results['date']}; run "
+        f"{results['seconds']:.0f} s.  ",
+        f"Data: {data['spec']} at {data['image_size']} px, "
+        f"{classes['train']} / {classes['validation']} / {classes['test']} "
+        f"meta-train / -validation / -test classes ({data['split']}).  ",
+        f"Network: {config['model']} alpha {config['alpha']} from seed "
+        f"{config['seed']}; {config['meta_steps']} meta-steps of "
+        f"{config['meta_batch_size']} episodes ({config['inner_steps']} inner "
+        f"steps at {config['inner_learning_rate']}, "
+        f"{'first' if config['first_order'] else 'second'}-order, Adam "
+        f"{config['outer_learning_rate']}); meta-learners adapt "
+        f"{config['eval_inner_steps']} steps at test, fine-tuning "
+        f"{config['finetune_steps']} steps at "
+        f"{config['finetune_learning_rate']}.",
+        "",
+        f"| {config['ways']}-way | method | accuracy (95% CI) | task adapts "
+        "| bytes per task | % of base | train s | s / step | eval s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in results["runs"]:
+        storage = run["task_storage"]
+        rate = run["seconds_per_step"]
+        lines.append(
+            f"| {run['shots']}-shot | {run['method']} | "
+            f"{100 * run['accuracy']:.2f}% +- {100 * run['ci95']:.2f}% | "
+            f"{storage['contents']} | {storage['task_bytes']:,} | "
+            f"{storage['percent_of_base']:.2f}% | {run['train_seconds']:.0f}"
+            f" | {'-' if rate is None else f'{rate:.3f}'} | "
+            f"{run['eval_seconds']:.0f} |")
+    lines += [
+        "",
+        f"Accuracy: mean over {config['eval_episodes']} meta-test episodes "
+        f"({config['queries']} queries per class), the same episodes for "
+        "every method, +- 1.96 standard errors. Meta-learners score the "
+        "query set with its own batch statistics (transductive, as MAML "
+        "reports); fine-tuning with the pretrained moving statistics. "
+        "Bytes per task: float32 values a task stores next to the shared "
+        "base (the base: every weight but the modulators).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict[str, Any], stem: str | os.PathLike) -> None:
+    """`<stem>.json` and `<stem>.md`, atomically."""
+    write_results(stem, {".json": json.dumps(results, indent=2) + "\n",
+                         ".md": markdown(results)})
+
+
+def main(argv):
+    del argv
+    results = {"command": " ".join(["python", *sys.argv]),
+               **measure(config_from_flags())}
+    write(results, flags.FLAGS.output)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

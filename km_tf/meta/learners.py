@@ -1,0 +1,609 @@
+"""MAML-style meta-learners: KM-MAML, ANIL, MAML, and a fine-tuning baseline.
+
+What trains where, and why
+--------------------------
+Meta-learning has two loops. The *inner loop* adapts a network to one
+few-shot task: a few plain gradient steps (`inner_learning_rate`) on the
+episode's support set. The *outer loop* meta-trains the network's initial
+weights so that this adaptation works: its loss is the query-set loss of
+the adapted network, averaged over a meta-batch of episodes, and its
+optimizer (a Keras optimizer) updates the initial weights.
+
+    method      inner loop adapts          outer loop meta-trains
+    km_maml     modulators + head          base kernels and biases, BN
+                                           gamma/beta, modulators, head
+    anil        head                       everything trainable
+    maml        everything trainable       everything trainable
+    finetune    head (or everything)       nothing (a pretrained base)
+
+`km_maml` is Kernel Modulation's use in meta-learning (Hu & Liu, ICPR
+2022): the model is `km_tf.modulate(base)`; a new task adapts only the
+modulators and the head, so it is an ordinary task file
+(`km_tf.meta.export.save_adapted_task`) next to the meta-trained base. KM
+layers keep their base kernel out of `trainable_variables`
+(`KernelModulatedConv2D._freeze_base`), so the outer loop lists those
+kernels (and biases) itself and differentiates the query loss with respect
+to them like any other weight.
+
+The network runs as a function of its weights (`km_tf.meta.forward.
+run_model`, Keras' `stateless_call` with differentiable KM kernels), so
+inner-loop weights are tensors: `adapted = initial - rate * gradient`.
+Second-order meta-gradients (MAML proper) differentiate through those
+updates with nested `tf.GradientTape`s. First-order ones (FOMAML) stop the
+gradient at the inner-loop gradients, so the outer gradient is the gradient
+of the query loss at the adapted weights, applied to the initial weights.
+
+BatchNorm uses batch statistics in every forward pass (`training=True`), as
+MAML does (Finn et al., 2017): its moving statistics take no part in the
+meta-gradient. (The batch moments are computed so that their second
+derivatives are exact, which TensorFlow's `tf.nn.moments` are not; see
+`km_tf.meta.forward`.) They are still updated, outside the gradient, by every
+forward pass of the outer step (support and query, like Keras `fit` would),
+so that an exported task can run in inference mode. `MetaOptions.
+batch_statistics=False` runs every pass in inference mode instead (the
+fine-tuning baseline's default).
+
+All state lives in Keras variables (the model's) and the outer optimizer,
+so a `tf.train.Checkpoint(model=learner.model, optimizer=learner.optimizer)`
+holds a run. `MetaLearner.meta_train_step(episodes)` is a plain function of
+one batch of episodes: wrap it in `tf.function` and, under a strategy, in
+`strategy.run` (gradients are scaled for Keras' cross-replica sum, moving
+statistics averaged over the replicas; build the learner inside
+`strategy.scope()`).
+
+Example:
+>>> learner = km_maml(base, ways=5, options=MetaOptions(inner_steps=5))
+>>> step = tf.function(learner.meta_train_step)
+>>> for episodes in sampler.dataset(meta_batch_size=4).take(1000):
+...     step(episodes)
+>>> accuracies = learner.evaluate(test_sampler.episodes(600))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from km_tf.convert import modulate
+from km_tf.layers import (DEFAULT_FILTER_UNITS, DEFAULT_FORM,
+                          DEFAULT_HIDDEN_UNITS, KM_LAYERS)
+from km_tf.meta.episodes import Episode
+from km_tf.meta.forward import run_model
+from km_tf.models.heads import replace_head
+from km_tf.tasks import task_variables
+from km_tf.walk import ROLE_HEAD, ROLE_MODULATED, layer_role, walk_layers
+
+METHODS = ("km_maml", "anil", "maml", "finetune")
+
+Values = list[tf.Tensor]
+State = dict[int, tf.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaOptions:
+    """How a learner adapts to a task.
+
+    Attributes:
+        inner_steps: Gradient steps on the support set per task, in
+            meta-training (0 adapts nothing).
+        inner_learning_rate: Step size of those (plain SGD) steps.
+        first_order: Stop the meta-gradient at the inner-loop gradients
+            (FOMAML) instead of differentiating through them.
+        eval_inner_steps: Inner steps when evaluating; `None`: as many as
+            `inner_steps` (MAML used 5 to train and 10 to test).
+        batch_statistics: Run every forward pass in training mode
+            (BatchNorm batch statistics, dropout on), as MAML does; `False`:
+            inference mode (moving statistics, no dropout).
+    """
+
+    inner_steps: int = 5
+    inner_learning_rate: float = 0.01
+    first_order: bool = False
+    eval_inner_steps: int | None = None
+    batch_statistics: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("inner_steps", "eval_inner_steps"):
+            value = getattr(self, name)
+            if value is None and name == "eval_inner_steps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or (
+                    value < 0):
+                raise ValueError(
+                    f"`{name}` must be an integer >= 0; got {value!r}.")
+        if not self.inner_learning_rate > 0:
+            raise ValueError("`inner_learning_rate` must be positive; got "
+                             f"{self.inner_learning_rate!r}.")
+
+    @property
+    def evaluation_steps(self) -> int:
+        """Inner steps when evaluating."""
+        return (self.inner_steps if self.eval_inner_steps is None
+                else self.eval_inner_steps)
+
+
+@dataclasses.dataclass
+class MetaGradients:
+    """What one meta-batch gives the outer loop.
+
+    Attributes:
+        loss: Query loss of the adapted networks, mean over the episodes.
+        accuracy: Their query accuracy, mean over the episodes.
+        gradients: Gradient of `loss` for each of the learner's
+            `outer_variables` (zeros where it has none).
+        state: `{id(variable): value}` of the variables the forward passes
+            updated (BatchNorm moving statistics, seed states).
+    """
+
+    loss: tf.Tensor
+    accuracy: tf.Tensor
+    gradients: list[tf.Tensor]
+    state: State
+
+
+class MetaLearner:
+    """Adapts a network to few-shot tasks and meta-trains its initial weights.
+
+    Build one with `km_maml`, `anil`, `maml` or `finetune`; the class
+    itself takes any split of a model's variables into the ones the inner
+    loop adapts and the ones the outer loop meta-trains.
+
+    Args:
+        model: A built functional or sequential Keras model giving logits.
+        inner_variables: Variables each task adapts (non-empty).
+        outer_variables: Variables meta-training updates (may be empty: a
+            learner that only adapts). They may be non-trainable in Keras'
+            sense (KM base kernels).
+        options: Inner-loop options.
+        optimizer: The outer optimizer and its learning rate (e.g.
+            `km_tf.training.make_optimizer(options, total_steps)`); `None`:
+            Adam at 1e-3. It is built on `outer_variables` here (create the
+            learner inside a strategy's scope to distribute it).
+
+    Attributes:
+        parameters: The variables the learner differentiates (inner and
+            outer ones, in the model's order); a list of *values* always
+            follows this order.
+    """
+
+    def __init__(self, model: keras.Model, *,
+                 inner_variables: Sequence[keras.Variable],
+                 outer_variables: Sequence[keras.Variable],
+                 options: MetaOptions = MetaOptions(),
+                 optimizer: keras.optimizers.Optimizer | None = None
+                 ) -> None:
+        known = {id(v) for v in model.variables}
+        for name, variables in (("inner_variables", inner_variables),
+                                ("outer_variables", outer_variables)):
+            strangers = [v.path for v in variables if id(v) not in known]
+            if strangers:
+                raise ValueError(
+                    f"`{name}` holds variables that are not {model.name!r}'s"
+                    f" ({', '.join(strangers[:3])}): pass variables of the "
+                    "learner's model.")
+        if not inner_variables:
+            raise ValueError("`inner_variables` is empty: the inner loop "
+                             "must adapt something (e.g. the head).")
+        self.model = model
+        self.options = options
+        inner_ids = {id(v) for v in inner_variables}
+        outer_ids = {id(v) for v in outer_variables}
+        self.parameters = [v for v in model.variables
+                           if id(v) in inner_ids | outer_ids]
+        self.inner_variables = [v for v in self.parameters
+                                if id(v) in inner_ids]
+        self.outer_variables = [v for v in self.parameters
+                                if id(v) in outer_ids]
+        self._inner = [i for i, v in enumerate(self.parameters)
+                       if id(v) in inner_ids]
+        self._outer = [i for i, v in enumerate(self.parameters)
+                       if id(v) in outer_ids]
+        self.optimizer = optimizer or keras.optimizers.Adam(1e-3)
+        if self.outer_variables:
+            self.optimizer.build(self.outer_variables)
+        # Straight-line code (loops over static step counts): autograph
+        # would only slow the tracing down.
+        self._score = tf.function(self._score_episode, reduce_retracing=True,
+                                  autograph=False)
+
+    # -- Pure functions of weight values --------------------------------
+
+    def parameter_values(self) -> Values:
+        """The current values of `parameters`, as tensors."""
+        return [tf.convert_to_tensor(v) for v in self.parameters]
+
+    def forward(self, values: Sequence[tf.Tensor], images, *,
+                training: bool | None = None) -> tf.Tensor:
+        """The model's logits with `parameters` set to `values`.
+
+        Args:
+            values: One tensor per parameter (e.g. from `adapt`).
+            images: RGB pixels in [0, 255], `(batch, h, w, 3)`.
+            training: Keras' `training` flag; `None`: the options'
+                `batch_statistics`. Layer updates are discarded.
+        """
+        if training is None:
+            training = self.options.batch_statistics
+        logits, _ = self._run(values, {}, images, training)
+        return logits
+
+    def adapt(self, values: Sequence[tf.Tensor], support_images,
+              support_labels, *, steps: int | None = None) -> Values:
+        """Adapts `values` to one task: `steps` inner-loop steps.
+
+        Args:
+            values: One tensor per parameter, e.g. `parameter_values()`.
+            support_images: `(N*K, h, w, 3)` pixels in [0, 255].
+            support_labels: `(N*K,)` labels in `0 .. N-1`.
+            steps: Inner steps; `None`: the options' `evaluation_steps`.
+
+        Returns:
+            The adapted values (only the inner variables' differ); no
+            variable changes.
+        """
+        steps = self.options.evaluation_steps if steps is None else steps
+        adapted, _ = self._adapt(list(values), {}, support_images,
+                                 support_labels, steps, second_order=False)
+        return adapted
+
+    def meta_gradients(self, values: Sequence[tf.Tensor],
+                       episodes: Episode) -> MetaGradients:
+        """The outer loop's loss and gradients for a batch of episodes.
+
+        Args:
+            values: One tensor per parameter: the initial weights.
+            episodes: An `Episode` of tensors with a leading meta-batch axis
+                (of static size, e.g. `EpisodeSampler.dataset(
+                meta_batch_size=...)`).
+
+        Returns:
+            `MetaGradients`, averaged over the episodes; second-order or
+            first-order as the options say.
+        """
+        count = episodes.support_images.shape[0]
+        if count is None:
+            raise ValueError(
+                "The meta-batch size of `episodes` is unknown: batch the "
+                "episodes with drop_remainder=True (EpisodeSampler.dataset "
+                "does).")
+        values, state = list(values), {}
+        losses, accuracies, total = [], [], None
+        for index in range(count):
+            episode = Episode(*(part[index] for part in episodes))
+            loss, accuracy, gradients, state = self._task_gradients(
+                values, state, episode)
+            losses.append(loss)
+            accuracies.append(accuracy)
+            total = gradients if total is None else [
+                a + b for a, b in zip(total, gradients)]
+        return MetaGradients(
+            loss=tf.add_n(losses) / count,
+            accuracy=tf.add_n(accuracies) / count,
+            gradients=[g / count for g in total], state=state)
+
+    # -- Steps that change variables ------------------------------------
+
+    def meta_train_step(self, episodes: Episode) -> dict[str, tf.Tensor]:
+        """One outer step on a batch of episodes; returns loss and accuracy.
+
+        Updates the outer variables with the optimizer and assigns the
+        BatchNorm moving statistics (and seed states) the forward passes
+        computed. A plain function: wrap it in `tf.function`, and in
+        `strategy.run` to distribute it (each replica's gradient is divided
+        by the replica count, as Keras' optimizer sums them; the returned
+        loss and accuracy are the replica's own).
+
+        Raises:
+            ValueError: The learner has no outer variables (`finetune`).
+        """
+        if not self.outer_variables:
+            raise ValueError(
+                "This learner meta-trains nothing (it has no outer "
+                "variables, like the `finetune` baseline): evaluate it "
+                "directly, or build a km_maml / anil / maml learner.")
+        result = self.meta_gradients(self.parameter_values(), episodes)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self.optimizer.apply_gradients(zip(
+            [g / replicas for g in result.gradients], self.outer_variables))
+        self._assign_state(result.state, replicas)
+        return {"loss": result.loss, "accuracy": result.accuracy}
+
+    def _assign_state(self, state: State, replicas: int) -> None:
+        """Assigns the updated moving statistics (and seed states)."""
+        assign_updates(self.model, state, replicas)
+
+    # -- Evaluation -----------------------------------------------------
+
+    def evaluate(self, episodes: Iterable[Episode], *,
+                 steps: int | None = None,
+                 transductive: bool | None = None) -> np.ndarray:
+        """Adapts to each episode's support set and scores its query set.
+
+        The learner's variables are the initial weights of every episode;
+        nothing changes.
+
+        Args:
+            episodes: Single (unbatched) episodes, e.g.
+                `EpisodeSampler.episodes(600)`.
+            steps: Inner steps; `None`: the options' `evaluation_steps`.
+            transductive: Score the query set with batch statistics (the
+                query set's own, as MAML reports it); `False`: with the
+                moving statistics, as an exported task computes. `None`:
+                the options' `batch_statistics`.
+
+        Returns:
+            The query accuracy of every episode, float64 `(episodes,)`;
+            `km_tf.meta.mean_confidence_interval` summarises it.
+        """
+        steps = self.options.evaluation_steps if steps is None else steps
+        if transductive is None:
+            transductive = self.options.batch_statistics
+        return np.array([
+            float(self._score(Episode(*(tf.convert_to_tensor(part)
+                                        for part in episode)),
+                              steps=steps, transductive=transductive))
+            for episode in episodes], dtype=np.float64)
+
+    # -- The loops ------------------------------------------------------
+
+    def _run(self, values: Sequence[tf.Tensor], state: State, images,
+             training: bool) -> tuple[tf.Tensor, State]:
+        """Logits for `images`, and the state after the pass."""
+        mapping = {id(v): t for v, t in zip(self.parameters, values)}
+        mapping.update(state)
+        logits, updates = run_model(self.model, mapping, images,
+                                    training=training)
+        state = {**state, **{key: tf.stop_gradient(value)
+                             for key, value in updates.items()}}
+        return logits, state
+
+    def _adapt(self, values: Values, state: State, images, labels,
+               steps: int, *, second_order: bool) -> tuple[Values, State]:
+        """The inner loop. With `second_order`, the updates stay
+        differentiable for an enclosing tape; else their gradients are
+        constants (stopped)."""
+        rate = self.options.inner_learning_rate
+        for _ in range(steps):
+            inner = [values[i] for i in self._inner]
+            with tf.GradientTape() as tape:
+                tape.watch(inner)
+                logits, state = self._run(values, state, images,
+                                          self.options.batch_statistics)
+                loss = cross_entropy(labels, logits)
+            gradients = tape.gradient(loss, inner)
+            values = list(values)
+            for i, gradient in zip(self._inner, gradients):
+                if gradient is None:
+                    continue
+                if not second_order:
+                    gradient = tf.stop_gradient(gradient)
+                values[i] = values[i] - rate * gradient
+        return values, state
+
+    def _task_gradients(self, values: Values, state: State, episode: Episode
+                        ) -> tuple[tf.Tensor, tf.Tensor, Values, State]:
+        """Query loss, accuracy and outer gradients of one episode."""
+        steps = self.options.inner_steps
+        training = self.options.batch_statistics
+        if self.options.first_order:
+            # FOMAML: the gradient at the adapted weights is the gradient.
+            values, state = self._adapt(
+                values, state, episode.support_images,
+                episode.support_labels, steps, second_order=False)
+            watched = [values[i] for i in self._outer]
+            with tf.GradientTape() as tape:
+                tape.watch(watched)
+                logits, state = self._run(values, state,
+                                          episode.query_images, training)
+                loss = cross_entropy(episode.query_labels, logits)
+        else:
+            watched = [values[i] for i in self._outer]
+            with tf.GradientTape() as tape:
+                tape.watch(watched)
+                adapted, state = self._adapt(
+                    values, state, episode.support_images,
+                    episode.support_labels, steps, second_order=True)
+                logits, state = self._run(adapted, state,
+                                          episode.query_images, training)
+                loss = cross_entropy(episode.query_labels, logits)
+        gradients = tape.gradient(loss, watched)
+        gradients = [tf.zeros_like(w) if g is None else g
+                     for w, g in zip(watched, gradients)]
+        return loss, accuracy(episode.query_labels, logits), gradients, state
+
+    def _score_episode(self, episode: Episode, *, steps: int,
+                       transductive: bool) -> tf.Tensor:
+        adapted = self.adapt(self.parameter_values(), episode.support_images,
+                             episode.support_labels, steps=steps)
+        logits = self.forward(adapted, episode.query_images,
+                              training=transductive)
+        return accuracy(episode.query_labels, logits)
+
+
+def assign_updates(model: keras.Model, state: State, replicas: int) -> None:
+    """Assigns the variable updates of forward passes (`run_model`'s).
+
+    Under a strategy with several replicas, float values (BatchNorm moving
+    statistics) are averaged over the replicas first (one batched
+    all-reduce): Keras creates them without an aggregation, so each replica
+    would keep its own. Call it in a replica context (`strategy.run`).
+
+    Args:
+        model: The model whose variables `state` names.
+        state: `{id(variable): value}`.
+        replicas: `num_replicas_in_sync` of the current strategy.
+    """
+    updated = [v for v in model.variables if id(v) in state]
+    values = [state[id(v)] for v in updated]
+    floats = [i for i, value in enumerate(values)
+              if value.dtype.is_floating]
+    if replicas > 1 and floats:
+        averaged = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.MEAN, [values[i] for i in floats])
+        for i, value in zip(floats, averaged):
+            values[i] = value
+    for variable, value in zip(updated, values):
+        variable.assign(value)
+
+
+def cross_entropy(labels, logits) -> tf.Tensor:
+    """Mean softmax cross-entropy of integer labels.
+
+    Written with `log_softmax` (float32, or float64 for float64 logits)
+    because TensorFlow's fused sparse cross-entropy refuses second
+    derivatives.
+    """
+    dtype = tf.float64 if logits.dtype == tf.float64 else tf.float32
+    logits = tf.cast(logits, dtype)
+    one_hot = tf.one_hot(tf.cast(labels, tf.int32), tf.shape(logits)[-1],
+                         dtype=dtype)
+    return -tf.reduce_mean(tf.reduce_sum(
+        one_hot * tf.nn.log_softmax(logits), axis=-1))
+
+
+def accuracy(labels, logits) -> tf.Tensor:
+    """Fraction of `labels` that `logits` rank first (float32)."""
+    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.reduce_mean(tf.cast(
+        tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32))
+
+
+# -- The four methods ----------------------------------------------------
+
+
+def km_maml(base: keras.Model, ways: int, *,
+            options: MetaOptions = MetaOptions(),
+            optimizer: keras.optimizers.Optimizer | None = None,
+            head_layer: str | None = None,
+            hidden_units: int = DEFAULT_HIDDEN_UNITS,
+            form: str = DEFAULT_FORM,
+            filter_units: int = DEFAULT_FILTER_UNITS) -> MetaLearner:
+    """KM-MAML: tasks adapt modulators and head; meta-training trains all.
+
+    The model is `km_tf.modulate(base with a ways-class head,
+    batchnorm="train")`. The inner loop adapts the modulators and the head;
+    the outer loop meta-trains the base kernels and biases, BatchNorm's
+    gamma and beta, and the modulators' and head's initial values.
+    Convolutions `modulate` cannot rewrite stay frozen.
+
+    Args:
+        base: A pretrained (or fresh) base classifier; not changed.
+        ways: Classes per task (N): the head's width.
+        options: Inner-loop options.
+        optimizer: Outer optimizer (`None`: Adam at 1e-3).
+        head_layer: Name of the base's Dense head; `None`: its last layer
+            (see `km_tf.models.replace_head`).
+        hidden_units: Modulator size (see `km_tf.modulate`).
+        form: Modulator form.
+        filter_units: Hidden width of filter-unit modulators.
+
+    Returns:
+        The `MetaLearner`.
+    """
+    model = modulate(replace_head(base, ways, head_layer=head_layer),
+                     hidden_units=hidden_units, form=form,
+                     filter_units=filter_units, batchnorm="train")
+    inner = [item.variable for item in task_variables(model)
+             if item.role in (ROLE_MODULATED, ROLE_HEAD)]
+    base_weights = [weight for _, layer in walk_layers(model)
+                    if isinstance(layer, KM_LAYERS)
+                    for weight in ([layer.base_kernel] + (
+                        [layer.bias] if layer.use_bias else []))]
+    return MetaLearner(model, inner_variables=inner,
+                       outer_variables=[*model.trainable_variables,
+                                        *base_weights],
+                       options=options, optimizer=optimizer)
+
+
+def anil(base: keras.Model, ways: int, *,
+         options: MetaOptions = MetaOptions(),
+         optimizer: keras.optimizers.Optimizer | None = None,
+         head_layer: str | None = None) -> MetaLearner:
+    """ANIL (Raghu et al., 2020): tasks adapt the head; meta-training
+    trains everything.
+
+    Args: as `km_maml` (without the modulator options).
+    """
+    model = replace_head(base, ways, head_layer=head_layer)
+    return MetaLearner(model, inner_variables=_head_variables(model),
+                       outer_variables=model.trainable_variables,
+                       options=options, optimizer=optimizer)
+
+
+def maml(base: keras.Model, ways: int, *,
+         options: MetaOptions = MetaOptions(),
+         optimizer: keras.optimizers.Optimizer | None = None,
+         head_layer: str | None = None) -> MetaLearner:
+    """MAML (Finn et al., 2017): tasks adapt and meta-training trains every
+    trainable weight.
+
+    Args: as `km_maml` (without the modulator options).
+    """
+    model = replace_head(base, ways, head_layer=head_layer)
+    return MetaLearner(model, inner_variables=model.trainable_variables,
+                       outer_variables=model.trainable_variables,
+                       options=options, optimizer=optimizer)
+
+
+FINETUNE_OPTIONS = MetaOptions(inner_steps=100, inner_learning_rate=0.01,
+                               batch_statistics=False)
+
+
+def finetune(base: keras.Model, ways: int, *,
+             options: MetaOptions = FINETUNE_OPTIONS,
+             all_layers: bool = False,
+             head_layer: str | None = None) -> MetaLearner:
+    """The fine-tuning baseline: no meta-training.
+
+    A conventionally pretrained base gets a fresh `ways`-class head; each
+    task fine-tunes the head (or, with `all_layers`, every trainable
+    weight) on its support set with `options.inner_steps` plain gradient
+    steps. Its default options run in inference mode (moving BatchNorm
+    statistics, no dropout), as fine-tuning a pretrained base usually does.
+
+    Args:
+        base: The pretrained base classifier; not changed.
+        ways: Classes per task.
+        options: Fine-tuning steps and rate (`FINETUNE_OPTIONS`).
+        all_layers: Fine-tune every trainable weight, not only the head.
+        head_layer: Name of the base's Dense head (see `km_maml`).
+
+    Returns:
+        A `MetaLearner` without outer variables (`meta_train_step` refuses).
+    """
+    model = replace_head(base, ways, head_layer=head_layer)
+    inner = model.trainable_variables if all_layers else _head_variables(
+        model)
+    return MetaLearner(model, inner_variables=inner, outer_variables=[],
+                       options=options)
+
+
+def _head_variables(model: keras.Model) -> list[keras.Variable]:
+    """The trainable weights of the head: every trainable layer with weights
+    that is neither a convolution nor BatchNorm (as `km_tf.modulate`'s
+    default head)."""
+    return [weight for _, layer in walk_layers(model)
+            if layer_role(layer) == ROLE_HEAD
+            for weight in layer.trainable_weights]
+
+
+def make_learner(method: str, base: keras.Model, ways: int,
+                 **kwargs) -> MetaLearner:
+    """The learner of `method` (one of `METHODS`), e.g. from a flag.
+
+    Args:
+        method: `"km_maml"`, `"anil"`, `"maml"` or `"finetune"`.
+        base: The base classifier.
+        ways: Classes per task.
+        **kwargs: That method's keyword arguments.
+    """
+    builders = {"km_maml": km_maml, "anil": anil, "maml": maml,
+                "finetune": finetune}
+    if method not in builders:
+        raise ValueError(f"Unknown meta-learning method {method!r}; choose "
+                         f"one of {', '.join(METHODS)}.")
+    return builders[method](base, ways, **kwargs)

@@ -1,0 +1,291 @@
+"""km-meta-train (apps/meta_train.py) as a program, its tfds data, and
+bench/meta.py, all on tiny budgets.
+
+The program runs start together in one module fixture (each is mostly
+single-threaded TensorFlow start-up and tracing, so two cores overlap
+them): an uninterrupted run logging to a file, the same run on two
+mirrored logical CPUs, the same run SIGKILLed after its first checkpoint
+and started again at once, and runs with bad flags.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from support import finish
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "apps" / "meta_train.py"
+ENVIRONMENT = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+               "CUDA_VISIBLE_DEVICES": ""}
+# Three small glyph scripts (26 to 32 letters, 20 images each), 8 px, a
+# Conv-4 of 8 filters: it checks the wiring, not the accuracy.
+DATA = "glyphs:nko/old_italic/ogham"
+SIZE, WAYS, STEPS = 8, 3, 12
+TINY = [f"--data={DATA}", f"--image_size={SIZE}", "--alpha=0.125",
+        f"--ways={WAYS}", "--queries=2", "--meta_batch_size=2",
+        "--inner_steps=1", "--hidden_units=4", f"--meta_steps={STEPS}",
+        "--log_every=2", "--checkpoint_every=2", "--eval_every=6",
+        "--val_episodes=3", "--eval_episodes=6"]
+BAD_FLAGS = {
+    # ogham, the meta-test script, has 26 letters.
+    "ways": (["--ways=30"], "meta-test split of 'glyphs:nko/old_italic/"
+             "ogham' has 26. Lower --ways"),
+    "replicas": (["--strategy=mirrored", "--cpu_replicas=2",
+                  "--meta_batch_size=3"],
+                 "--meta_batch_size=3 cannot be split evenly over 2 "
+                 "replicas"),
+    "size": (["--model=mobilenet_v2", "--image_size=28"],
+             "--model=mobilenet_v2 needs --image_size of 32 or more"),
+}
+
+
+def start(output: Path, *flags: str, log: Path | None = None
+          ) -> subprocess.Popen:
+    """Starts the program with the tiny flags (later flags win)."""
+    stream = open(log, "w") if log else subprocess.PIPE
+    process = subprocess.Popen(
+        [sys.executable, str(APP), *TINY, *flags, f"--output_dir={output}"],
+        env=ENVIRONMENT, stdout=stream, stderr=subprocess.STDOUT, text=True)
+    if log:
+        stream.close()
+    return process
+
+
+def kill_and_resume(process: subprocess.Popen, output: Path, result: dict,
+                    timeout: float = 300) -> None:
+    """SIGKILLs `process` as soon as its first checkpoint exists, records
+    the step that checkpoint holds and starts the same command again
+    (`result["resumed"]`)."""
+    checkpoint = output / "backup" / "checkpoint.npz"
+    deadline = time.monotonic() + timeout
+    while not checkpoint.is_file():
+        if process.poll() is not None or time.monotonic() > deadline:
+            result["error"] = "the run ended (or hung) before a checkpoint"
+            process.kill()
+            return
+        time.sleep(0.01)
+    process.kill()  # SIGKILL
+    process.communicate()
+    with np.load(checkpoint) as stored:
+        result["step"] = json.loads(stored["progress.json"].tobytes())["step"]
+    result["killed_report"] = (output / "meta.report.json").exists()
+    result["resumed"] = start(output)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("meta_app")
+    processes = {
+        "plain": start(root / "plain", log=root / "plain.log"),
+        "distributed": start(root / "distributed", "--strategy=mirrored",
+                             "--cpu_replicas=2"),
+        "killed": start(root / "killed"),
+        **{f"bad_{name}": start(root / f"bad_{name}", *flags)
+           for name, (flags, _) in BAD_FLAGS.items()},
+    }
+    killed: dict = {}
+    killer = threading.Thread(target=kill_and_resume, args=(
+        processes["killed"], root / "killed", killed))
+    killer.start()
+    yield {"root": root, "processes": processes, "killer": killer,
+           "killed": killed}
+    killer.join()
+    if "resumed" in killed:
+        processes["resumed"] = killed["resumed"]
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def report(output: Path) -> dict:
+    return json.loads((output / "meta.report.json").read_text())
+
+
+def weights(path: Path) -> list[np.ndarray]:
+    import keras
+
+    return keras.saving.load_model(path).get_weights()
+
+
+def task_contents(path: Path) -> dict[str, bytes]:
+    """A task file's members (the zip's timestamps aside)."""
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+# The in-process tests come first and take the `runs` fixture, so that
+# the programs run meanwhile.
+
+
+def test_tfds_pools_split_classes_of_all_splits(runs, tmp_path):
+    import tensorflow_datasets as tfds
+
+    from km_tf.meta import pools as meta_pools
+
+    with tfds.testing.mock_data(num_examples=60):
+        pools = meta_pools.load_pools("tfds:mnist", 8,
+                                      data_dir=str(tmp_path))
+        counted = meta_pools.load_pools("tfds:mnist:4/3/3", 8,
+                                        data_dir=str(tmp_path))
+        with pytest.raises(ValueError, match="asks for 12 classes"):
+            meta_pools.load_pools("tfds:mnist:4/4/4", 8,
+                                  data_dir=str(tmp_path))
+    assert pools.images.shape == (120, 8, 8, 3)  # train + test, grey as RGB
+    assert pools.images.dtype == np.uint8
+    present = set(np.unique(pools.labels).tolist())
+    for split_pools, sizes in ((pools, (6, 2, 2)), (counted, (4, 3, 3))):
+        parts = [set(getattr(split_pools.splits, name))
+                 for name in ("train", "validation", "test")]
+        assert tuple(map(len, parts)) == sizes
+        assert set.union(*parts) == present and sum(sizes) == len(present)
+    episode = pools.sampler("test", ways=2, shots=1, queries=1,
+                            seed=0).episode(0)
+    assert episode.support_images.shape == (2, 8, 8, 3)
+    with pytest.raises(ValueError, match="Unknown meta-learning data"):
+        meta_pools.load_pools("digits", 8)
+
+
+def test_the_benchmark_runs_on_a_tiny_budget(runs, tmp_path):
+    import meta as bench  # bench/meta.py; bench/ is on pytest's pythonpath.
+
+    config = bench.Config(
+        data=DATA, shots=(1,), ways=2, queries=1, alpha=0.125, image_size=8,
+        meta_steps=2, meta_batch_size=1, inner_steps=1, eval_inner_steps=1,
+        finetune_steps=2, hidden_units=4, eval_episodes=3, log_every=1,
+        verbose=0)
+    results = bench.measure(config)
+    bench.write(results, tmp_path / "meta")
+    written = json.loads((tmp_path / "meta.json").read_text())
+    runs = {run["method"]: run for run in written["runs"]}
+    assert set(runs) == set(bench.METHODS)
+    assert {method: run["task_storage"]["contents"]
+            for method, run in runs.items()} == {
+                "km_maml": "modulators + head", "anil": "head",
+                "maml": "whole network", "finetune": "head"}
+    for run in runs.values():
+        assert 0 <= run["accuracy"] <= 1 and run["episodes"] == 3
+    text = (tmp_path / "meta.md").read_text()
+    assert "| 1-shot | km_maml |" in text and "95% CI" in text
+
+
+def test_run_logs_a_line_per_interval_and_reports(runs):
+    root = runs["root"]
+    finish(runs["processes"]["plain"])
+    text = (root / "plain.log").read_text()
+    # Not a progress bar redrawn with \b or \r.
+    assert "\b" not in text and "\r" not in text
+    for step in range(2, STEPS + 1, 2):
+        assert text.count(f"meta-train step {step}/{STEPS}: loss") == 1
+    assert "meta-test: 6/6 episodes" in text
+    out = root / "plain"
+    assert {"meta_base.keras", "meta_init.kmtask", "example_task.kmtask",
+            "meta.report.json", "meta.report.txt"} == {
+                p.name for p in out.iterdir()}
+    result = report(out)
+    assert result["settings"]["method"] == "km_maml"
+    assert result["data"]["classes"] == {"train": 32, "validation": 31,
+                                         "test": 26}
+    assert result["training"]["resumed_after"] == 0
+    history = result["training"]["history"]
+    assert [r["step"] for r in history] == list(range(2, STEPS + 1, 2))
+    assert [r["step"] for r in history if "val_accuracy" in r] == [6, 12]
+    test = result["test"]
+    assert test["episodes"] == 6 and 0 <= test["accuracy"] <= 1
+    assert test["ci95"] >= 0
+    storage = result["task_storage"]
+    assert storage["contents"] == "modulators + head"
+    assert 0 < storage["task_bytes"] < storage["base_bytes"]
+    assert "95% CI" in (out / "meta.report.txt").read_text()
+
+
+def test_the_adapted_example_task_restores_with_restore_task(runs):
+    import keras
+
+    import km_tf
+    from km_tf.meta import pools as meta_pools
+
+    out = runs["root"] / "plain"
+    finish(runs["processes"]["plain"])
+    example = report(out)["outputs"]["example_task"]
+    base = keras.saving.load_model(out / "meta_base.keras")
+    task = km_tf.restore_task(base, out / "example_task.kmtask")
+    pools = meta_pools.load_pools(DATA, SIZE)
+    episode = pools.sampler("test", ways=WAYS, shots=1, queries=2,
+                            seed=example["episode_seed"]).episode(0)
+    predicted = np.argmax(task.predict(episode.query_images, verbose=0), -1)
+    assert np.mean(predicted == episode.query_labels) == pytest.approx(
+        example["query_accuracy"])
+    # The meta-learned initialisation is a task file of the same base.
+    km_tf.restore_task(base, out / "meta_init.kmtask")
+
+
+def test_a_killed_run_resumes_to_the_same_weights_and_metrics(runs):
+    root = runs["root"]
+    runs["killer"].join()
+    killed = runs["killed"]
+    assert "error" not in killed, killed
+    assert 2 <= killed["step"] < STEPS
+    assert not killed["killed_report"]
+    out = root / "killed"
+    resumed = finish(killed["resumed"])
+    assert f"resuming after step {killed['step']}" in resumed
+    finish(runs["processes"]["plain"])
+    plain, again = report(root / "plain"), report(out)
+    assert again["training"]["resumed_after"] == killed["step"]
+    assert again["training"]["history"] == [
+        {**r, "seconds_per_step": a["seconds_per_step"]}
+        for r, a in zip(plain["training"]["history"],
+                        again["training"]["history"])]
+    assert again["test"]["accuracy"] == plain["test"]["accuracy"]
+    for ours, theirs in zip(weights(out / "meta_base.keras"),
+                            weights(root / "plain" / "meta_base.keras")):
+        np.testing.assert_array_equal(ours, theirs)
+    for name in ("meta_init.kmtask", "example_task.kmtask"):
+        assert task_contents(out / name) == task_contents(
+            root / "plain" / name)
+    assert not (out / "backup").exists()
+
+
+def test_a_run_on_two_mirrored_cpus_matches_the_single_device_run(runs):
+    import keras
+
+    root = runs["root"]
+    finish(runs["processes"]["distributed"])
+    finish(runs["processes"]["plain"])
+    result = report(root / "distributed")
+    assert result["settings"]["replicas"] == 2
+    # Each replica adapts to half of every meta-batch; the averaged
+    # meta-gradient is the single device's. BatchNorm moving statistics
+    # differ (each replica's chain of updates is averaged), so compare the
+    # rest.
+    ours = keras.saving.load_model(root / "distributed" / "meta_base.keras")
+    theirs = keras.saving.load_model(root / "plain" / "meta_base.keras")
+    compared = 0
+    for mine, other in zip(ours.weights, theirs.weights):
+        if "moving_" not in mine.path:
+            np.testing.assert_allclose(np.asarray(mine), np.asarray(other),
+                                       atol=1e-4, err_msg=mine.path)
+            compared += 1
+    assert compared >= 9  # Four kernels, four gammas and betas, the head.
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FLAGS))
+def test_bad_flags_are_one_line_naming_the_fix(runs, name):
+    process = runs["processes"][f"bad_{name}"]
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 2, output[-3000:]
+    assert BAD_FLAGS[name][1] in output
+    assert "meta_train.py: error:" in output and "Traceback" not in output
+    assert not (runs["root"] / f"bad_{name}").exists()
