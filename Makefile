@@ -23,10 +23,12 @@ $(STAMP): requirements.txt pyproject.toml
 main: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/python apps/train.py --output_dir=runs/main
 
-# The whole test suite (what CI runs).
+# The whole test suite (what CI runs), on two worker processes (CI has two
+# cores, and most tests keep one busy). `--dist loadfile` keeps each file's
+# tests, and so its module fixtures, in one worker.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow"
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -m "not slow"
