@@ -20,9 +20,15 @@ from absl import app, flags
 from results_io import write_text
 from transfer_report import _kb
 
-flags.DEFINE_string("markdown", str(Path(__file__).resolve().parent
-                                    / "results" / "ABLATION.md"),
-                    "Where the merged table goes.")
+
+def define_flags() -> None:
+    """The program's flags (defined only when it runs as a program: tests
+    import this module next to `bench/transfer.py`, which has a
+    `--markdown` of its own)."""
+    flags.DEFINE_string("markdown", str(Path(__file__).resolve().parent
+                                        / "results" / "ABLATION.md"),
+                        "Where the merged table goes.")
+
 # Suite fields that must agree for rows to be comparable.
 _SAME = ("base", "tasks", "steps", "batch_size", "learning_rates", "seeds",
          "augment")
@@ -88,4 +94,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
