@@ -5,12 +5,18 @@ One protocol, one base, the same budget for every method (see
 `<output>.json`, `<output>.png` and `--markdown` (RESULTS.md).
 
 Offline suite (runs here on 2 CPU cores: a MobileNetV2 base pretrained on
-FractalDB-style fractals and the glyphs of five scripts, six target tasks;
-the pretrained base is cached in bench/cache/, so reruns skip pretraining):
+FractalDB-style fractals and Greek + Cyrillic glyphs, 13 min once, then
+cached in bench/cache/; six target tasks; the baselines + KM take ~40-60 min
+on one core, the process keeps about one busy):
 
     .venv/bin/python bench/transfer.py                 # baselines + KM
     .venv/bin/python bench/transfer.py --methods=ablation \
-        --output=bench/results/ablation --markdown=bench/results/ABLATION.md
+        --output=bench/results/ablation --markdown=/tmp/ablation.md
+    .venv/bin/python bench/ablation_table.py bench/results/transfer.json \
+        bench/results/ablation*.json       # -> bench/results/ABLATION.md
+
+(`--methods=km_h8,km_f4` etc. run a part of the study; the ablation parts
+of ABLATION.md ran as four such parts side by side.)
 
 Online suites (ImageNet weights and tfds datasets are downloaded: needs
 network; see bench/results/RESULTS.md for a time estimate):

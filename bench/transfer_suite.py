@@ -10,11 +10,15 @@ same budget (optimizer, steps, batch size, learning-rate sweep, seeds); only
 
     head         the Dense head only; BatchNorm frozen (inference mode).
     bn_head      BatchNorm (gamma, beta, moving statistics) + head.
-    lora         Keras LoRA (`Conv2D.enable_lora`) + BatchNorm + head, at the
-                 rank whose per-task bytes come closest to the default KM's.
+    bitfit       biases (BatchNorm beta, conv biases) + BN statistics + head.
+    lora         Keras LoRA (`Conv2D.enable_lora`) + head, BatchNorm frozen,
+                 at the rank whose per-task bytes come closest to the
+                 default KM's; `lora_x4` at 4x that rank; `lora_bn` with
+                 BatchNorm trained (its own matching rank).
                  `DepthwiseConv2D` has no LoRA: depthwise kernels stay frozen.
     km           `km_tf.modulate` with its default settings.
-    km_*         KM variants for the design study (size, form, BatchNorm).
+    km_*         KM variants for the design study (size, form, BatchNorm,
+                 learning-rate ratios; `--methods=ablation`).
     full         every weight trains; a task stores the whole network.
 
 Protocol (`run_suite`): the learning rate of each (method, task) is chosen by
