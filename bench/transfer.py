@@ -12,7 +12,7 @@ on one core, the process keeps about one busy):
     .venv/bin/python bench/transfer.py                 # baselines + KM
     .venv/bin/python bench/transfer.py --methods=ablation \
         --output=bench/results/ablation --markdown=/tmp/ablation.md
-    .venv/bin/python bench/ablation_table.py bench/results/transfer.json \
+    .venv/bin/python bench/ablation_table.py bench/results/transfer.json \\
         bench/results/ablation*.json       # -> bench/results/ABLATION.md
 
 (`--methods=km_h8,km_f4` etc. run a part of the study; the ablation parts
