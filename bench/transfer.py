@@ -10,7 +10,7 @@ cached in bench/cache/; six target tasks; the baselines + KM take ~40-60 min
 on one core, the process keeps about one busy):
 
     .venv/bin/python bench/transfer.py                 # baselines + KM
-    .venv/bin/python bench/transfer.py --methods=ablation \
+    .venv/bin/python bench/transfer.py --methods=ablation \\
         --output=bench/results/ablation --markdown=/tmp/ablation.md
     .venv/bin/python bench/ablation_table.py bench/results/transfer.json \\
         bench/results/ablation*.json       # -> bench/results/ABLATION.md
