@@ -483,12 +483,15 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     _km_method("km_f2", filter_units=2),
     _km_method("km_f4", filter_units=4),
     _km_method("km_f4_bnfreeze", filter_units=4, batchnorm="freeze"),
+    _km_method("km_f16_bnfreeze", filter_units=16, batchnorm="freeze"),
     _km_method("km_spatial16", form="spatial", hidden_units=16),
     _km_method("km_filter4", form="filter", filter_units=4),
     _km_method("km_head3", rate_factors=(1.0, 3.0)),
     _km_method("km_head10", rate_factors=(1.0, 10.0)),
     _km_method("km_mlr10", rate_factors=(0.1, 1.0)),
     _km_method("km_mlr30", rate_factors=(1 / 30, 1.0)),
+    _km_method("km_bnfreeze_mlr10", rate_factors=(0.1, 1.0),
+               batchnorm="freeze"),
     Method("full", "full fine-tuning", "baseline", _full),
 )}
 # What `bench/transfer.py` runs by default: the baselines and the default
