@@ -20,7 +20,6 @@ Three measurements, written to bench/results/export.json and export.md:
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 import km_tf  # noqa: E402
 from km_tf import export  # noqa: E402
 from km_tf.export.litert import LiteRTModel  # noqa: E402
+from results_io import machine_summary  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -234,8 +234,7 @@ def main(argv):
     quick = flags.FLAGS.quick
     results = {
         "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                   f"Python {platform.python_version()}",
+        "machine": machine_summary(),
         "date": time.strftime("%Y-%m-%d"),
         "quick": quick,
     }

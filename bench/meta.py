@@ -47,11 +47,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -62,7 +61,7 @@ from absl import app, flags  # noqa: E402
 
 from km_tf import meta, models  # noqa: E402
 from km_tf.meta import loop, pools as meta_pools  # noqa: E402
-from results_io import write_results  # noqa: E402
+from results_io import machine_summary, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("km_maml", "anil", "maml", "finetune")
@@ -237,23 +236,32 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
     }
 
 
-def measure(config: Config) -> dict[str, Any]:
-    """Every method at every shot setting; the results as a dict."""
+def measure(config: Config,
+            on_run: Callable[[dict[str, Any]], None] | None = None,
+            ) -> dict[str, Any]:
+    """Every method at every shot setting; the results as a dict.
+
+    `on_run`, if given, receives the results so far after each method, so
+    a long run that dies keeps what it finished.
+    """
     started = time.perf_counter()
     pools = meta_pools.load_pools(config.data, config.image_size)
     meta_pools.check_classes(pools, ways=config.ways,
                              shots=max(config.shots),
                              queries=config.queries)
-    runs = [run_method(config, pools, method, shots)
-            for shots in config.shots for method in config.methods]
-    return {
+    results = {
         "config": dataclasses.asdict(config), "data": pools.summary(),
-        "runs": runs, "seconds": round(time.perf_counter() - started, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                   f"Python {platform.python_version()}, TensorFlow "
-                   f"{tf.__version__}",
+        "runs": [], "seconds": 0.0,
+        "machine": machine_summary(tensorflow=True),
         "date": time.strftime("%Y-%m-%d"),
     }
+    for shots in config.shots:
+        for method in config.methods:
+            results["runs"].append(run_method(config, pools, method, shots))
+            results["seconds"] = round(time.perf_counter() - started, 1)
+            if on_run is not None:
+                on_run(results)
+    return results
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -314,10 +322,13 @@ def write(results: dict[str, Any], stem: str | os.PathLike) -> None:
 
 def main(argv):
     del argv
-    results = {"command": " ".join(["python", *sys.argv]),
-               **measure(config_from_flags())}
-    write(results, flags.FLAGS.output)
-    print(markdown(results))
+    command = " ".join(["python", *sys.argv])
+
+    def write_so_far(results: dict[str, Any]) -> None:
+        write({"command": command, **results}, flags.FLAGS.output)
+
+    results = measure(config_from_flags(), on_run=write_so_far)
+    print(markdown({"command": command, **results}))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ import km_tf  # noqa: E402
 from km_tf import models  # noqa: E402
 from km_tf.deploy import applier, export, formats  # noqa: E402
 from km_tf.export.litert import LiteRTModel  # noqa: E402
-from results_io import write_results  # noqa: E402
+from results_io import machine_summary, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHNORM_MODES = ("train", "freeze")  # Per-task BatchNorm, the base's.
@@ -325,8 +324,7 @@ def measure(config: Config, workdir: str | os.PathLike | None = None
     sample = random_pixels(1, config.image_size, config.seed + 3)
     results: dict[str, Any] = {
         "config": dataclasses.asdict(config),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                   f"Python {platform.python_version()}",
+        "machine": machine_summary(),
         "date": time.strftime("%Y-%m-%d"),
         "base_params": int(base.count_params()),
         "pack_target": PACK_TARGET,

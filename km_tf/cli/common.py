@@ -11,6 +11,7 @@ modules.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -188,6 +189,39 @@ def created_output_dir(path: str) -> Iterator[None]:
         if not existed and os.path.isdir(path) and not os.listdir(path):
             os.rmdir(path)
         raise
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFolders:
+    """Where a resumable run writes: `write_dir` for its outputs (the
+    chief's --output_dir, a scratch folder on other workers) and
+    `backup_root` for its backup."""
+
+    write_dir: str
+    backup_root: str
+
+
+@contextlib.contextmanager
+def resumable_run(output_dir: str, strategy: tf.distribute.Strategy, *,
+                  programs: Sequence[str], ignore: Sequence[str],
+                  restart: bool) -> Iterator[RunFolders]:
+    """The folders of a run that resumes when started again.
+
+    Creates --output_dir (removed again if the run fails before writing
+    into it), clears temporaries a killed write left, and checks that a
+    backup found belongs to a run with the same flags (`check_resume`:
+    the flags of `programs`, minus `ignore`). The backup is deleted when
+    the body finishes; a failure keeps it for the next run to resume.
+    """
+    backup_root = distribute.backup_dir_for(
+        os.path.join(output_dir, "backup"), strategy)
+    with created_output_dir(output_dir), \
+            distribute.output_dir_for(output_dir, strategy) as write_dir:
+        files.remove_stale_temporaries(write_dir)
+        check_resume(backup_root, run_settings(programs, ignore=ignore),
+                     restart=restart)
+        yield RunFolders(write_dir=write_dir, backup_root=backup_root)
+    shutil.rmtree(backup_root, ignore_errors=True)
 
 
 def load_data(spec: str, image_size: tuple[int, int], *,

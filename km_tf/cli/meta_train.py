@@ -52,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -353,14 +352,10 @@ def main(argv):
                              queries=FLAGS.queries)
     log = loop.ProgressLog(FLAGS.verbose if FLAGS.verbose == "auto"
                            else int(FLAGS.verbose))
-    backup_root = distribute.backup_dir_for(
-        os.path.join(FLAGS.output_dir, "backup"), strategy)
-    with common.created_output_dir(FLAGS.output_dir), \
-            distribute.output_dir_for(FLAGS.output_dir, strategy) as write_dir:
-        files.remove_stale_temporaries(write_dir)
-        common.check_resume(
-            backup_root, common.run_settings([__name__], ignore=OUTPUT_FLAGS),
-            restart=FLAGS.restart)
+    with common.resumable_run(FLAGS.output_dir, strategy,
+                              programs=[__name__], ignore=OUTPUT_FLAGS,
+                              restart=FLAGS.restart) as run_folders:
+        write_dir, backup_root = run_folders.write_dir, run_folders.backup_root
         with strategy.scope():
             setup = build(pools)
         checkpoint = loop.Checkpoint(
@@ -403,7 +398,6 @@ def main(argv):
             "outputs": write_outputs(learner, setup.base, pools, write_dir),
             "seconds": round(time.perf_counter() - started, 3)}
         write_report(report, write_dir)
-    shutil.rmtree(backup_root, ignore_errors=True)
     if distribute.is_chief(strategy):
         print(report_text(report), flush=True)
 

@@ -239,15 +239,11 @@ def main(argv):
     logging.info("Strategy %s with %d replica(s).", FLAGS.strategy,
                  strategy.num_replicas_in_sync)
     inputs = check_inputs(strategy)
-    backup_root = distribute.backup_dir_for(
-        os.path.join(FLAGS.output_dir, "backup"), strategy)
     stages = []
-    with common.created_output_dir(FLAGS.output_dir), \
-            distribute.output_dir_for(FLAGS.output_dir, strategy) as write_dir:
-        files.remove_stale_temporaries(write_dir)
-        common.check_resume(
-            backup_root, common.run_settings([__name__], ignore=OUTPUT_FLAGS),
-            restart=FLAGS.restart)
+    with common.resumable_run(FLAGS.output_dir, strategy,
+                              programs=[__name__], ignore=OUTPUT_FLAGS,
+                              restart=FLAGS.restart) as run_folders:
+        write_dir, backup_root = run_folders.write_dir, run_folders.backup_root
         base = inputs.base or obtain_base(strategy, inputs, backup_root,
                                           write_dir, stages)
         if FLAGS.mode != "pretrain":
@@ -257,7 +253,6 @@ def main(argv):
             settings=_settings(strategy, base), stages=stages,
             seconds=time.perf_counter() - start)
         reporting.write_report(report, write_dir)
-    shutil.rmtree(backup_root, ignore_errors=True)
     if distribute.is_chief(strategy):
         print(report, flush=True)
 

@@ -17,7 +17,7 @@ disjoint meta-train / meta-validation / meta-test classes.
   each part script names joined by `+` (`glyphs:greek/georgian/armenian`).
 - `"tfds:NAME[:TRAIN/VALIDATION/TEST]"`: a tensorflow-datasets image
   dataset (downloaded into `data_dir` on first use: needs network once;
-  `km_tf.data`'s tfds reader). Every split's images are pooled and the
+  `km_tf.sources`' tfds reader). Every split's images are pooled and the
   classes that occur are shuffled (seed `SPLIT_SEED`, whatever the run's
   seed) and cut into meta-train / meta-validation / meta-test classes, by
   the counts given (`tfds:cifar100:64/16/20`, CIFAR-FS style) or else by
@@ -205,7 +205,7 @@ def _glyph_pools(spec: str, rest: str, image_size: int) -> MetaPools:
 
 def _tfds_pools(spec: str, rest: str, image_size: int,
                 data_dir: str | None) -> MetaPools:
-    from km_tf import data
+    from km_tf import sources
 
     name, _, counts_text = rest.partition(":")
     if not name:
@@ -213,9 +213,9 @@ def _tfds_pools(spec: str, rest: str, image_size: int,
                         "'tfds:NAME[:TRAIN/VALIDATION/TEST]'.")
     counts = _parse_counts(spec, counts_text) if counts_text else None
     # km_tf.data's reader: the download, its offline message, the pools.
-    source = data._tfds_source(name, data._ReadOptions(data_dir=data_dir))
+    source = sources.read("tfds", name, sources.ReadOptions(data_dir=data_dir))
     images, labels = [], []
-    for split in data.SPLITS:
+    for split in sources.SPLITS:
         pool = source.pools.get(split)
         if pool is None or not len(pool.labels):
             continue
@@ -227,7 +227,7 @@ def _tfds_pools(spec: str, rest: str, image_size: int,
             labels.append(batch_labels)
     if not images:
         raise DataError(f"tfds dataset {name!r} has no images in its "
-                        f"{', '.join(data.SPLITS)} splits.")
+                        f"{', '.join(sources.SPLITS)} splits.")
     labels = np.concatenate(labels).astype(np.int64)
     present = np.unique(labels)
     if counts is None and name == "omniglot" and len(present) == sum(
