@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import os
 import time
@@ -55,7 +56,7 @@ from absl import logging
 from km_tf import data as km_data
 from km_tf import models
 from km_tf.convert import set_task_trainability, modulate
-from km_tf.files import save_model_atomically
+from km_tf.files import save_model_atomically, write_atomically
 from km_tf.tasks import task_variables
 from km_tf.training import OptimizerOptions, learning_rate_schedule
 from km_tf.walk import (ROLE_FROZEN, ROLE_HEAD, is_convolution, layer_role,
@@ -307,6 +308,13 @@ def pretrained_base(spec: BaseSpec, cache_dir: str | os.PathLike
         base = build_base_model(spec, 1000)
         return base, {"weights": spec.weights, "params": base.count_params()}
     path = os.path.join(cache_dir, spec.cache_name())
+    report_path = path + ".json"
+    if os.path.exists(path) and os.path.exists(report_path):
+        # A cached base and its report: no pretraining data to load.
+        logging.info("Loading the cached base %s.", path)
+        with open(report_path) as stream:
+            report = json.load(stream)
+        return keras.saving.load_model(path, compile=False), report
     train, test, num_classes = pretraining_data(spec)
     if os.path.exists(path):
         logging.info("Loading the cached base %s.", path)
@@ -327,10 +335,13 @@ def pretrained_base(spec: BaseSpec, cache_dir: str | os.PathLike
         save_model_atomically(base, path)
     accuracy, _ = Trainer(base, num_classes).evaluate(test, num_classes)
     logging.info("Base test accuracy on %s: %.3f", spec.pretrain, accuracy)
-    return base, {"pretrain": spec.pretrain, "cache": os.path.basename(path),
-                  "classes": num_classes, "params": base.count_params(),
-                  "pretrain_test_accuracy": round(accuracy, 4),
-                  "pretrain_seconds": round(seconds, 1)}
+    report = {"pretrain": spec.pretrain, "cache": os.path.basename(path),
+              "classes": num_classes, "params": base.count_params(),
+              "pretrain_test_accuracy": round(accuracy, 4),
+              "pretrain_seconds": round(seconds, 1)}
+    write_atomically(report_path,
+                     (json.dumps(report, indent=2) + "\n").encode())
+    return base, report
 
 
 # ----------------------------------------------------------------------------
@@ -600,8 +611,6 @@ class Trainer:
     def __init__(self, model: keras.Model, outputs: int,
                  rate_factors: tuple[float, float] = (1.0, 1.0)) -> None:
         self.model = model
-        head = {id(item.variable) for item in task_variables(model)
-                if item.role == ROLE_HEAD}
         trainable = model.trainable_variables
         # One Adam optimizer per rate (Adam is scale invariant: scaling
         # gradients would not change its steps).
@@ -609,6 +618,8 @@ class Trainer:
             self.groups = [trainable]
             self.factors = [rate_factors[0]]
         else:
+            head = {id(item.variable) for item in task_variables(model)
+                    if item.role == ROLE_HEAD}
             self.groups = [[v for v in trainable if id(v) not in head],
                            [v for v in trainable if id(v) in head]]
             self.factors = list(rate_factors)

@@ -1,5 +1,7 @@
 """Small models, data and process helpers shared by the tests."""
 
+import json
+import socket
 import subprocess
 
 import keras
@@ -86,3 +88,17 @@ def packable_convnet(input_shape=(16, 16, 3), num_classes=3,
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(num_classes, name="head")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def loopback_cluster(workers: int) -> list[str]:
+    """`TF_CONFIG` values of a cluster of `workers` workers on free local
+    ports, one per worker process."""
+    sockets = [socket.socket() for _ in range(workers)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    addresses = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return [json.dumps({"cluster": {"worker": addresses},
+                        "task": {"type": "worker", "index": index}})
+            for index in range(workers)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support import finish
+from support import finish, loopback_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -84,25 +84,12 @@ def test_mirrored_over_two_devices_matches_the_default_loss_curve(tmp_path):
     assert mirrored == pytest.approx(default, rel=1e-4, abs=1e-5)
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_two_workers_train_a_task_and_only_the_chief_writes(tmp_path):
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     output_dir = tmp_path / "out"
-    processes = [
-        run_script("worker", output_dir, env={"TF_CONFIG": json.dumps({
-            "cluster": {"worker": workers},
-            "task": {"type": "worker", "index": index}})})
-        for index in range(2)]
+    processes = [run_script("worker", output_dir,
+                            env={"TF_CONFIG": tf_config})
+                 for tf_config in loopback_cluster(2)]
     outputs = [finish(process) for process in processes]
     assert "chief=True" in outputs[0] and "chief=False" in outputs[1]
     assert sorted(p.name for p in output_dir.iterdir()) == [

@@ -4,8 +4,9 @@ bench/meta.py, all on tiny budgets.
 The program runs start together in one module fixture (each is mostly
 single-threaded TensorFlow start-up and tracing, so two cores overlap
 them): an uninterrupted run logging to a file, the same run on two
-mirrored logical CPUs, the same run SIGKILLed after its first checkpoint
-and started again at once, and runs with bad flags.
+mirrored logical CPUs, the same run as two worker processes of a
+multi-worker cluster on loopback, the same run SIGKILLed after its first
+checkpoint and started again at once, and runs with bad flags.
 """
 
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import finish
+from support import finish, loopback_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "meta_train.py"
@@ -48,13 +49,14 @@ BAD_FLAGS = {
 }
 
 
-def start(output: Path, *flags: str, log: Path | None = None
-          ) -> subprocess.Popen:
+def start(output: Path, *flags: str, log: Path | None = None,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     """Starts the program with the tiny flags (later flags win)."""
     stream = open(log, "w") if log else subprocess.PIPE
     process = subprocess.Popen(
         [sys.executable, str(APP), *TINY, *flags, f"--output_dir={output}"],
-        env=ENVIRONMENT, stdout=stream, stderr=subprocess.STDOUT, text=True)
+        env={**ENVIRONMENT, **(env or {})}, stdout=stream,
+        stderr=subprocess.STDOUT, text=True)
     if log:
         stream.close()
     return process
@@ -88,6 +90,10 @@ def runs(tmp_path_factory):
         "plain": start(root / "plain", log=root / "plain.log"),
         "distributed": start(root / "distributed", "--strategy=mirrored",
                              "--cpu_replicas=2"),
+        **{f"worker{index}": start(root / "workers",
+                                   "--strategy=multi_worker",
+                                   env={"TF_CONFIG": tf_config})
+           for index, tf_config in enumerate(loopback_cluster(2))},
         "killed": start(root / "killed"),
         **{f"bad_{name}": start(root / f"bad_{name}", *flags)
            for name, (flags, _) in BAD_FLAGS.items()},
@@ -258,19 +264,17 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(runs):
     assert not (out / "backup").exists()
 
 
-def test_a_run_on_two_mirrored_cpus_matches_the_single_device_run(runs):
+def assert_same_meta_training(output: Path, root: Path) -> None:
+    """The base meta-trained into `output` equals the single-device run's.
+
+    Each replica adapts to its part of every meta-batch; the averaged
+    meta-gradient is the single device's. BatchNorm moving statistics
+    differ (each replica's chain of updates is averaged), so the rest is
+    compared.
+    """
     import keras
 
-    root = runs["root"]
-    finish(runs["processes"]["distributed"])
-    finish(runs["processes"]["plain"])
-    result = report(root / "distributed")
-    assert result["settings"]["replicas"] == 2
-    # Each replica adapts to half of every meta-batch; the averaged
-    # meta-gradient is the single device's. BatchNorm moving statistics
-    # differ (each replica's chain of updates is averaged), so compare the
-    # rest.
-    ours = keras.saving.load_model(root / "distributed" / "meta_base.keras")
+    ours = keras.saving.load_model(output / "meta_base.keras")
     theirs = keras.saving.load_model(root / "plain" / "meta_base.keras")
     compared = 0
     for mine, other in zip(ours.weights, theirs.weights):
@@ -279,6 +283,31 @@ def test_a_run_on_two_mirrored_cpus_matches_the_single_device_run(runs):
                                        atol=1e-4, err_msg=mine.path)
             compared += 1
     assert compared >= 9  # Four kernels, four gammas and betas, the head.
+
+
+def test_a_run_on_two_mirrored_cpus_matches_the_single_device_run(runs):
+    root = runs["root"]
+    finish(runs["processes"]["distributed"])
+    finish(runs["processes"]["plain"])
+    assert report(root / "distributed")["settings"]["replicas"] == 2
+    assert_same_meta_training(root / "distributed", root)
+
+
+def test_two_workers_match_the_single_device_run_and_only_the_chief_writes(
+        runs):
+    root = runs["root"]
+    chief = finish(runs["processes"]["worker0"])
+    other = finish(runs["processes"]["worker1"])
+    finish(runs["processes"]["plain"])
+    assert "km-tf meta-learning report" in chief
+    assert "km-tf meta-learning report" not in other
+    assert sorted(p.name for p in (root / "workers").iterdir()) == [
+        "example_task.kmtask", "meta.report.json", "meta.report.txt",
+        "meta_base.keras", "meta_init.kmtask"]
+    result = report(root / "workers")
+    assert result["settings"]["strategy"] == "multi_worker"
+    assert result["settings"]["replicas"] == 2
+    assert_same_meta_training(root / "workers", root)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FLAGS))
