@@ -182,6 +182,10 @@ def test_the_benchmark_runs_on_a_tiny_budget(runs, tmp_path):
                 "maml": "whole network", "finetune": "head"}
     for run in runs.values():
         assert 0 <= run["accuracy"] <= 1 and run["episodes"] == 3
+    # The meta-learners are scored transductively and as deployed.
+    assert [method for method, run in runs.items()
+            if "deployed_accuracy" in run] == ["km_maml", "anil", "maml"]
+    assert not runs["finetune"]["transductive"]
     text = (tmp_path / "meta.md").read_text()
     assert "| 1-shot | km_maml |" in text and "95% CI" in text
 
