@@ -87,6 +87,7 @@ class Config:
     inner_steps: int = 5
     eval_inner_steps: int = 10
     inner_learning_rate: float = 0.1
+    modulator_learning_rate: float | None = None
     first_order: bool = False
     outer_learning_rate: float = 1e-3
     finetune_steps: int = 100
@@ -127,6 +128,9 @@ def define_flags() -> None:
                          "Inner steps when evaluating the meta-learners.")
     flags.DEFINE_float("inner_learning_rate", defaults.inner_learning_rate,
                        "Inner-loop step size.")
+    flags.DEFINE_float("modulator_learning_rate", None,
+                       "km_maml: inner-loop step size of the modulators "
+                       "(default: --inner_learning_rate).")
     flags.DEFINE_bool("first_order", defaults.first_order,
                       "First-order meta-gradients.")
     flags.DEFINE_float("outer_learning_rate", defaults.outer_learning_rate,
@@ -162,6 +166,7 @@ def config_from_flags() -> Config:
         meta_batch_size=flag.meta_batch_size, inner_steps=flag.inner_steps,
         eval_inner_steps=flag.eval_inner_steps,
         inner_learning_rate=flag.inner_learning_rate,
+        modulator_learning_rate=flag.modulator_learning_rate,
         first_order=flag.first_order,
         outer_learning_rate=flag.outer_learning_rate,
         finetune_steps=flag.finetune_steps,
@@ -196,6 +201,7 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
         options = meta.MetaOptions(
             inner_steps=config.inner_steps,
             inner_learning_rate=config.inner_learning_rate,
+            modulator_learning_rate=config.modulator_learning_rate,
             first_order=config.first_order,
             eval_inner_steps=config.eval_inner_steps)
         extra = ({"hidden_units": config.hidden_units}
@@ -293,7 +299,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Network: {config['model']} alpha {config['alpha']} from seed "
         f"{config['seed']}; {config['meta_steps']} meta-steps of "
         f"{config['meta_batch_size']} episodes ({config['inner_steps']} inner "
-        f"steps at {config['inner_learning_rate']}, "
+        f"steps at {config['inner_learning_rate']}"
+        + (f", modulators at {config['modulator_learning_rate']}"
+           if config.get("modulator_learning_rate") else "") + ", "
         f"{'first' if config['first_order'] else 'second'}-order, Adam "
         f"{config['outer_learning_rate']}); meta-learners adapt "
         f"{config['eval_inner_steps']} steps at test, fine-tuning "

@@ -74,6 +74,10 @@ flags.DEFINE_string("markdown", str(RESULTS / "RESULTS.md"),
 flags.DEFINE_bool("report_only", False,
                   "Rebuild the PNG and Markdown from `<output>.json` without "
                   "training (e.g. after a change to the report).")
+flags.DEFINE_list("merge", None,
+                  "With --report_only: result JSONs of runs of the same suite "
+                  "with different --methods (e.g. two processes on two "
+                  "cores), merged into `<output>.json` first.")
 flags.DEFINE_string("cache_dir", str(Path(__file__).resolve().parent / "cache"),
                     "Where pretrained bases are cached (not in git).")
 
@@ -110,11 +114,49 @@ def configured_suite() -> transfer_suite.Suite:
     return dataclasses.replace(suite, **changes)
 
 
+def merged_results(parts: list[dict]) -> dict:
+    """One result dict from runs of the same suite with disjoint methods.
+
+    Raises:
+        ValueError: The parts ran different suites or bases, or share a
+            method.
+    """
+    first = parts[0]
+    merged = {**first, "methods": {}, "runs": [], "seconds_total": 0.0}
+    for part in parts:
+        differing = [key for key in ("suite", "base", "tasks")
+                     if _without_methods(part[key]) != _without_methods(
+                         first[key])]
+        if differing:
+            raise ValueError(f"Cannot merge results of different "
+                             f"{', '.join(differing)}.")
+        shared = set(part["methods"]) & set(merged["methods"])
+        if shared:
+            raise ValueError(f"Methods {sorted(shared)} are in two parts.")
+        merged["methods"].update(part["methods"])
+        merged["runs"] += part["runs"]
+        merged["seconds_total"] += part["seconds_total"]
+    merged["suite"] = {**first["suite"], "methods": list(merged["methods"])}
+    merged["command"] = " && ".join(part.get("command", "?")
+                                    for part in parts)
+    merged["summary"] = transfer_suite.summarize(merged)
+    return merged
+
+
+def _without_methods(value):
+    return ({k: v for k, v in value.items() if k != "methods"}
+            if isinstance(value, dict) else value)
+
+
 def main(argv):
     del argv
     output = Path(flags.FLAGS.output)
     if flags.FLAGS.report_only:
-        results = json.loads(output.with_suffix(".json").read_text())
+        if flags.FLAGS.merge:
+            results = merged_results([json.loads(Path(path).read_text())
+                                      for path in flags.FLAGS.merge])
+        else:
+            results = json.loads(output.with_suffix(".json").read_text())
         transfer_report.write_all(results, output, flags.FLAGS.markdown)
         return
     suite = configured_suite()

@@ -123,6 +123,15 @@ def test_smoke_suite_writes_json_png_and_results(tmp_path):
     assert "transfer.png" in text
     # The pretrained base is cached for reruns.
     assert list((tmp_path / "cache").glob("base_tiny_convnet_*.keras"))
+    # Runs of disjoint methods (e.g. one process per core) merge into the
+    # results of one run.
+    names = list(results["methods"])
+    parts = [{**results, "methods": {n: results["methods"][n] for n in half},
+              "runs": [r for r in results["runs"] if r["method"] in half]}
+             for half in (names[:2], names[2:])]
+    assert transfer.merged_results(parts)["summary"] == results["summary"]
+    with pytest.raises(ValueError, match="in two parts"):
+        transfer.merged_results([parts[0], parts[0]])
 
 
 def test_offline_suite_runs_on_a_tiny_budget(tmp_path, monkeypatch):

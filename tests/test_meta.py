@@ -271,6 +271,37 @@ def test_an_inner_step_changes_only_modulators_and_head():
         np.testing.assert_array_equal(numpy(variable), old)
 
 
+def test_modulators_step_at_their_own_inner_rate():
+    """One inner step at rate r moves a weight by r * gradient: the
+    modulators' step, at a 10x smaller rate, is 10x smaller; the head's is
+    unchanged."""
+    episode = sampler().episode(0)
+    steps = {}
+    for rate in (None, 0.001):
+        keras.utils.set_random_seed(0)
+        learner = meta.km_maml(tiny_base(), WAYS,
+                               hidden_units=4, options=meta.MetaOptions(
+                                   inner_learning_rate=0.01,
+                                   modulator_learning_rate=rate))
+        randomize_modulators(learner.model)
+        values = learner.parameter_values()
+        adapted = learner.adapt(values, episode.support_images,
+                                episode.support_labels, steps=1)
+        inner = {id(v) for v in learner.inner_variables}
+        steps[rate] = {v.path: numpy(new) - numpy(old) for v, old, new
+                       in zip(learner.parameters, values, adapted)
+                       if id(v) in inner}
+    assert {"/modulator/" in path for path in steps[None]} == {True, False}
+    for path, step in steps[None].items():
+        factor = 0.1 if "/modulator/" in path else 1.0
+        # Steps of ~1e-5 on weights of ~0.3: float32 round-off is ~3e-8.
+        np.testing.assert_allclose(steps[0.001][path], factor * step,
+                                   rtol=1e-3, atol=1e-7, err_msg=path)
+        assert np.abs(step).max() > 1e-6, path  # Each moved, measurably.
+    with pytest.raises(ValueError, match="modulator_learning_rate"):
+        meta.MetaOptions(modulator_learning_rate=0.0)
+
+
 def test_an_outer_step_meta_trains_base_kernels_and_modulator_init():
     learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
                            options=options())

@@ -111,6 +111,9 @@ flags.DEFINE_integer("eval_inner_steps", None, "Gradient steps per task "
                      "finetune).", lower_bound=0)
 flags.DEFINE_float("inner_learning_rate", 0.1, "Step size of the inner "
                    "loop (and of fine-tuning).")
+flags.DEFINE_float("modulator_learning_rate", None, "km_maml: inner-loop "
+                   "step size of the modulators (default: "
+                   "--inner_learning_rate).")
 flags.DEFINE_boolean("first_order", False, "First-order meta-gradients "
                      "(FOMAML): faster, less exact.")
 flags.DEFINE_enum("finetune_layers", "head", list(FINETUNE_LAYERS),
@@ -187,6 +190,10 @@ def check_flags(strategy: tf.distribute.Strategy) -> None:
     if not FLAGS.inner_learning_rate > 0:
         raise ValueError("--inner_learning_rate must be positive; got "
                          f"{FLAGS.inner_learning_rate}.")
+    if FLAGS.modulator_learning_rate is not None and not (
+            FLAGS.modulator_learning_rate > 0):
+        raise ValueError("--modulator_learning_rate must be positive; got "
+                         f"{FLAGS.modulator_learning_rate}.")
     if not FLAGS.outer_learning_rate > 0:
         raise ValueError("--outer_learning_rate must be positive; got "
                          f"{FLAGS.outer_learning_rate}.")
@@ -232,6 +239,7 @@ def _options() -> meta.MetaOptions:
     return meta.MetaOptions(
         inner_steps=FLAGS.inner_steps,
         inner_learning_rate=FLAGS.inner_learning_rate,
+        modulator_learning_rate=FLAGS.modulator_learning_rate,
         first_order=FLAGS.first_order,
         eval_inner_steps=FLAGS.eval_inner_steps)
 
@@ -408,7 +416,8 @@ def _settings(strategy: tf.distribute.Strategy) -> dict[str, Any]:
              "eval_inner_steps", "inner_learning_rate", "first_order",
              "outer_learning_rate", "meta_steps", "seed", "strategy"]
     if FLAGS.method == "km_maml":
-        names += ["hidden_units", "filter_units", "form"]
+        names += ["hidden_units", "filter_units", "form",
+                  "modulator_learning_rate"]
     if FLAGS.method == "finetune":
         names += ["finetune_layers"]
     settings = {name: FLAGS[name].value for name in names}

@@ -98,6 +98,8 @@ class MetaOptions:
         batch_statistics: Run every forward pass in training mode
             (BatchNorm batch statistics, dropout on), as MAML does; `False`:
             inference mode (moving statistics, no dropout).
+        modulator_learning_rate: Inner step size of KM modulator weights
+            (km_maml); `None`: `inner_learning_rate`.
     """
 
     inner_steps: int = 5
@@ -105,6 +107,7 @@ class MetaOptions:
     first_order: bool = False
     eval_inner_steps: int | None = None
     batch_statistics: bool = True
+    modulator_learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("inner_steps", "eval_inner_steps"):
@@ -115,9 +118,17 @@ class MetaOptions:
                     value < 0):
                 raise ValueError(
                     f"`{name}` must be an integer >= 0; got {value!r}.")
-        if not self.inner_learning_rate > 0:
-            raise ValueError("`inner_learning_rate` must be positive; got "
-                             f"{self.inner_learning_rate!r}.")
+        for name in ("inner_learning_rate", "modulator_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"`{name}` must be positive; got "
+                                 f"{value!r}.")
+
+    def inner_rate(self, role: str) -> float:
+        """Inner step size of a variable of this `km_tf.walk` role."""
+        if role == ROLE_MODULATED and self.modulator_learning_rate:
+            return self.modulator_learning_rate
+        return self.inner_learning_rate
 
     @property
     def evaluation_steps(self) -> int:
@@ -200,6 +211,10 @@ class MetaLearner:
                                 if id(v) in outer_ids]
         self._inner = [i for i, v in enumerate(self.parameters)
                        if id(v) in inner_ids]
+        roles = {id(item.variable): item.role
+                 for item in task_variables(model)}
+        self._inner_rates = [options.inner_rate(roles.get(id(v), ""))
+                             for v in self.inner_variables]
         self._outer = [i for i, v in enumerate(self.parameters)
                        if id(v) in outer_ids]
         self.optimizer = optimizer or keras.optimizers.Adam(1e-3)
@@ -366,7 +381,6 @@ class MetaLearner:
         """The inner loop. With `second_order`, the updates stay
         differentiable for an enclosing tape; else their gradients are
         constants (stopped)."""
-        rate = self.options.inner_learning_rate
         for _ in range(steps):
             inner = [values[i] for i in self._inner]
             with tf.GradientTape() as tape:
@@ -376,7 +390,8 @@ class MetaLearner:
                 loss = cross_entropy(labels, logits)
             gradients = tape.gradient(loss, inner)
             values = list(values)
-            for i, gradient in zip(self._inner, gradients):
+            for i, rate, gradient in zip(self._inner, self._inner_rates,
+                                         gradients):
                 if gradient is None:
                     continue
                 if not second_order:
