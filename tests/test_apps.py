@@ -211,6 +211,7 @@ def test_resume_with_other_flags_is_refused_and_restart_starts_afresh(
     (["--batch_size=0"], "batch_size"),
     (["--steps_per_epoch=0"], "steps_per_epoch"),
     (["--task_learning_rate=-1"], "learning_rate"),
+    (["--modulator_rate_factor=0"], "modulator_rate_factor"),
 ])
 def test_bad_input_is_one_line_and_creates_no_output(tmp_path, flags,
                                                      message):

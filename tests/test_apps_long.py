@@ -16,13 +16,17 @@ def test_caffe_base_and_new_class_count_train_evaluate_export(tmp_path):
     """ResNet50 (caffe normalization inside, RGB->BGR folded) with a 3-class
     task on its 5-class base: no normalization flag anywhere, and evaluate
     and export reproduce the training run's test accuracy. (MobileNetV2 is
-    the default run's.)"""
+    the default run's.) The task freezes BatchNorm and steps its modulators
+    at 0.1x the head's rate (the few-images setting)."""
     out = tmp_path / "run"
     check(run_app("train", "--model=resnet50", "--alpha=1.0",
                   "--task_data=digits:5-7", "--pretrain_epochs=1",
                   "--task_epochs=1", "--steps_per_epoch=2",
+                  "--batchnorm=freeze", "--modulator_rate_factor=0.1",
                   f"--output_dir={out}", timeout=900))
     report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["batchnorm"] == "freeze"
+    assert report["settings"]["modulator_rate_factor"] == 0.1
     test_accuracy = report["stages"][1]["accuracy"]["test"]
     evaluation = tmp_path / "eval.json"
     check(run_app("evaluate", f"--base={out / 'base.keras'}",

@@ -116,6 +116,48 @@ def test_bad_optimizer_options_name_the_problem(options, message):
         training.OptimizerOptions(**options)
 
 
+def test_modulators_train_at_their_rate_factor(tmp_path):
+    """One Adam step moves each weight by about the rate (m/sqrt(v) is
+    +-1 at the first step), so with `modulator_rate_factor=0.1` the
+    modulators' first step is 0.1x the one without, and the head's and
+    BatchNorm's are the same."""
+    base = small_convnet(SHAPE, NUM_CLASSES)
+    initial = km_tf.modulate(base, hidden_units=4)
+    for _, layer in km_tf.walk.walk_layers(initial):  # Non-zero gradients
+        if isinstance(layer, km_tf.layers.KM_LAYERS):  # everywhere.
+            layer.modulator.output_kernel.assign(0.1 * np.ones(
+                layer.modulator.output_kernel.shape))
+    weights = initial.get_weights()
+
+    def first_step(factor):
+        def build():
+            model = km_tf.modulate(base, hidden_units=4)
+            model.set_weights(weights)
+            return model
+        result = training.fit_and_evaluate(
+            build, array_datasets(), strategy=make_strategy("default"),
+            optimizer=training.OptimizerOptions(
+                learning_rate=1e-2, schedule="constant",
+                modulator_rate_factor=factor),
+            epochs=1, steps_per_epoch=1, backup_dir=tmp_path / f"b{factor}",
+            write_dir=tmp_path, stage="task", verbose=0)
+        return {v.path: np.asarray(v) - before for v, before
+                in zip(result.model.weights, weights)}
+
+    plain, scaled = first_step(1.0), first_step(0.1)
+    modulators = {v.path for v in training.modulator_variables(initial)}
+    assert modulators and all("/modulator/" in p for p in modulators)
+    for path, step in plain.items():
+        if "moving_" in path or not np.any(step):
+            continue  # Moving statistics follow the data, not the rate.
+        factor = 0.1 if path in modulators else 1.0
+        np.testing.assert_allclose(scaled[path], factor * step, rtol=1e-3,
+                                   atol=1e-6, err_msg=path)
+    assert all(np.any(plain[path]) for path in modulators)
+    with pytest.raises(ValueError, match="modulator_rate_factor"):
+        training.OptimizerOptions(modulator_rate_factor=0.0)
+
+
 def test_fit_and_evaluate_trains_reports_and_checkpoints(tmp_path):
     result = fit_small(tmp_path, epochs=3)
     assert result.epochs == [1, 2, 3]
