@@ -30,16 +30,14 @@ statistics of meta-training).
 
 Writes `<output>.json` and `<output>.md` (default bench/results/meta.*).
 
-Runtime of the full-size run on 2 CPU cores: about 2.5 to 3 hours,
-measured (6 steps per method, on cores shared with another job) at these
-seconds per meta-step, x 3000 steps, plus 600 meta-test episodes each:
+Runtime, measured with the 1- and 5-shot settings run side by side (one
+process per core of a 2-core CPU, other work sharing it): 1 shot at 3,000
+meta-steps 64 min (KM-MAML 0.34 s per meta-step, ANIL 0.19, MAML 0.34,
+fine-tuning's pretraining 0.23); 5 shots at 1,500 meta-steps about 70 min
+(0.87, 0.31, 0.91, 0.42 s). Fine-tuning's 100 steps per episode make its
+evaluation the longest (2.4 and 7 minutes). README and BUILD.md have the
+results (`bench/results/meta_*shot*.md`).
 
-    5-way    km_maml  anil   maml   finetune (pretraining)
-    1-shot   0.20     0.10   0.19   0.09
-    5-shot   0.77     0.30   0.68   0.19
-
-i.e. ~2.1 h of training, ~0.45 h of evaluation (fine-tuning's 100 steps
-per episode cost the most: ~7 and ~10 minutes) and ~2 minutes of tracing.
 --methods and --shots run a part. The results so far are rewritten after
 each method, so a run that dies keeps what it finished; it does not resume
 a method mid-way (km-meta-train does, for long single runs).
@@ -130,7 +128,8 @@ def define_flags() -> None:
                        "Inner-loop step size.")
     flags.DEFINE_float("modulator_learning_rate", None,
                        "km_maml: inner-loop step size of the modulators "
-                       "(default: --inner_learning_rate).")
+                       "(default: km_tf.meta's, 0.1 x "
+                       "--inner_learning_rate).")
     flags.DEFINE_bool("first_order", defaults.first_order,
                       "First-order meta-gradients.")
     flags.DEFINE_float("outer_learning_rate", defaults.outer_learning_rate,
@@ -299,9 +298,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Network: {config['model']} alpha {config['alpha']} from seed "
         f"{config['seed']}; {config['meta_steps']} meta-steps of "
         f"{config['meta_batch_size']} episodes ({config['inner_steps']} inner "
-        f"steps at {config['inner_learning_rate']}"
-        + (f", modulators at {config['modulator_learning_rate']}"
-           if config.get("modulator_learning_rate") else "") + ", "
+        f"steps at {config['inner_learning_rate']}, KM-MAML's modulators "
+        f"at {_modulator_rate(config)}, "
         f"{'first' if config['first_order'] else 'second'}-order, Adam "
         f"{config['outer_learning_rate']}); meta-learners adapt "
         f"{config['eval_inner_steps']} steps at test, fine-tuning "
@@ -342,6 +340,14 @@ def markdown(results: dict[str, Any]) -> str:
         "base (the base: every weight but the modulators).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _modulator_rate(config: dict[str, Any]) -> float:
+    """The modulators' inner step size a run used."""
+    rate = config.get("modulator_learning_rate")
+    if rate is None:
+        return meta.MODULATOR_RATE_FACTOR * config["inner_learning_rate"]
+    return rate
 
 
 def write(results: dict[str, Any], stem: str | os.PathLike) -> None:

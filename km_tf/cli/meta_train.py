@@ -112,8 +112,8 @@ flags.DEFINE_integer("eval_inner_steps", None, "Gradient steps per task "
 flags.DEFINE_float("inner_learning_rate", 0.1, "Step size of the inner "
                    "loop (and of fine-tuning).")
 flags.DEFINE_float("modulator_learning_rate", None, "km_maml: inner-loop "
-                   "step size of the modulators (default: "
-                   "--inner_learning_rate).")
+                   "step size of the modulators (default: 0.1 x "
+                   "--inner_learning_rate, measured in BUILD.md).")
 flags.DEFINE_boolean("first_order", False, "First-order meta-gradients "
                      "(FOMAML): faster, less exact.")
 flags.DEFINE_enum("finetune_layers", "head", list(FINETUNE_LAYERS),

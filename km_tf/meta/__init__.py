@@ -37,7 +37,8 @@ from km_tf.meta.episodes import (ClassSplits, Episode, EpisodeSampler,
                                  split_classes)
 from km_tf.meta.export import meta_trained_base, save_adapted_task
 from km_tf.meta.forward import modulate_kernel_differentiably, run_model
-from km_tf.meta.learners import (FINETUNE_OPTIONS, METHODS, MetaGradients,
+from km_tf.meta.learners import (FINETUNE_OPTIONS, METHODS,
+                                 MODULATOR_RATE_FACTOR, MetaGradients,
                                  MetaLearner, MetaOptions, accuracy, anil,
                                  cross_entropy, finetune, km_maml,
                                  make_learner, maml)
@@ -46,7 +47,8 @@ from km_tf.meta.metrics import (TaskStorage, mean_confidence_interval,
 
 __all__ = [
     "ClassSplits", "Episode", "EpisodeSampler", "FINETUNE_OPTIONS",
-    "METHODS", "MetaGradients", "MetaLearner", "MetaOptions", "TaskStorage",
+    "METHODS", "MODULATOR_RATE_FACTOR", "MetaGradients", "MetaLearner",
+    "MetaOptions", "TaskStorage",
     "accuracy", "anil", "cross_entropy", "finetune", "km_maml",
     "make_learner", "maml", "mean_confidence_interval", "meta_trained_base",
     "modulate_kernel_differentiably", "run_model", "save_adapted_task",
