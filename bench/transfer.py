@@ -77,7 +77,8 @@ flags.DEFINE_bool("report_only", False,
 flags.DEFINE_list("merge", None,
                   "With --report_only: result JSONs of runs of the same suite "
                   "with different --methods (e.g. two processes on two "
-                  "cores), merged into `<output>.json` first.")
+                  "cores), merged into `<output>.json` first; a method in "
+                  "several takes the last one's runs.")
 flags.DEFINE_string("cache_dir", str(Path(__file__).resolve().parent / "cache"),
                     "Where pretrained bases are cached (not in git).")
 
@@ -115,11 +116,13 @@ def configured_suite() -> transfer_suite.Suite:
 
 
 def merged_results(parts: list[dict]) -> dict:
-    """One result dict from runs of the same suite with disjoint methods.
+    """One result dict from runs of the same suite.
+
+    A method in several parts takes its runs from the last of them (e.g. a
+    row rerun after a change to it replaces the row of the full run).
 
     Raises:
-        ValueError: The parts ran different suites or bases, or share a
-            method.
+        ValueError: The parts ran different suites or bases.
     """
     first = parts[0]
     merged = {**first, "methods": {}, "runs": [], "seconds_total": 0.0}
@@ -130,11 +133,10 @@ def merged_results(parts: list[dict]) -> dict:
         if differing:
             raise ValueError(f"Cannot merge results of different "
                              f"{', '.join(differing)}.")
-        shared = set(part["methods"]) & set(merged["methods"])
-        if shared:
-            raise ValueError(f"Methods {sorted(shared)} are in two parts.")
+        replaced = set(part["methods"])
+        merged["runs"] = [run for run in merged["runs"]
+                          if run["method"] not in replaced] + part["runs"]
         merged["methods"].update(part["methods"])
-        merged["runs"] += part["runs"]
         merged["seconds_total"] += part["seconds_total"]
     merged["suite"] = {**first["suite"], "methods": list(merged["methods"])}
     merged["command"] = " && ".join(part.get("command", "?")

@@ -168,11 +168,14 @@ def markdown(results: dict, plot_name: str) -> str:
     rates = [[info["label"], *[f"{summary[name]['tasks'][t]['learning_rate']:g}"
                                for t in tasks]]
              for name, info in methods.items()]
+    recipes = methods.get("km", {}).get("recipe") or {}
     task_lines = [
         f"- `{spec['spec']}`: {spec['classes']} classes; seed-0 split "
         f"train/validation/test = {spec['counts_seed0']['train']}/"
         f"{spec['counts_seed0']['validation']}/{spec['counts_seed0']['test']}"
-        for spec in tasks.values()]
+        + (f"; KM default: {recipes[name]['reason']}" if name in recipes
+           else "")
+        for name, spec in tasks.items()]
     pretrain = (f"pretrained here on `{base['pretrain']}` (test accuracy "
                 f"{100 * base['pretrain_test_accuracy']:.1f}%), cached as "
                 f"`{base['cache']}`" if "pretrain" in base
@@ -210,8 +213,8 @@ def markdown(results: dict, plot_name: str) -> str:
         "network for full fine-tuning; LoRA matrices + head (+ BatchNorm) for "
         "LoRA, whose depthwise kernels stay frozen since Keras has no "
         "depthwise LoRA; BitFit counts its BatchNorm layers whole). LoRA "
-        "ranks: the rank whose bytes come closest to the default KM's, and "
-        "4x that rank.",
+        "ranks: the rank whose bytes come closest to KM's with `modulate`'s "
+        "defaults (BatchNorm trained), and 4x that rank.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -12,13 +12,19 @@ same budget (optimizer, steps, batch size, learning-rate sweep, seeds); only
     bn_head      BatchNorm (gamma, beta, moving statistics) + head.
     bitfit       biases (BatchNorm beta, conv biases) + BN statistics + head.
     lora         Keras LoRA (`Conv2D.enable_lora`) + head, BatchNorm frozen,
-                 at the rank whose per-task bytes come closest to the
-                 default KM's; `lora_x4` at 4x that rank; `lora_bn` with
-                 BatchNorm trained (its own matching rank).
-                 `DepthwiseConv2D` has no LoRA: depthwise kernels stay frozen.
-    km           `km_tf.modulate` with its default settings.
+                 at the rank whose per-task bytes come closest to KM's with
+                 `modulate`'s defaults (BatchNorm trained); `lora_x4` at 4x
+                 that rank; `lora_bn` with BatchNorm trained (its own
+                 matching rank). `DepthwiseConv2D` has no LoRA: depthwise
+                 kernels stay frozen.
+    km           the KM default: `km_tf.modulate`'s default modulators, and
+                 per task the BatchNorm mode and modulator rate of
+                 `km_tf.recipes.km_recipe` for its training images per class
+                 (km-train's `--batchnorm=auto`).
     km_*         KM variants for the design study (size, form, BatchNorm,
-                 learning-rate ratios; `--methods=ablation`).
+                 learning-rate ratios; `--methods=ablation`), each with the
+                 same settings on every task (`modulate`'s defaults where
+                 they set nothing, so BatchNorm trained).
     full         every weight trains; a task stores the whole network.
 
 Protocol (`run_suite`): the learning rate of each (method, task) is chosen by
@@ -57,6 +63,7 @@ from km_tf import data as km_data
 from km_tf import models
 from km_tf.convert import set_task_trainability, modulate
 from km_tf.files import save_model_atomically, write_atomically
+from km_tf.recipes import km_recipe, training_images_per_class
 from km_tf.tasks import task_variables
 from km_tf.training import OptimizerOptions, learning_rate_schedule
 from km_tf.walk import (ROLE_FROZEN, ROLE_HEAD, is_convolution, layer_role,
@@ -375,6 +382,10 @@ class Method:
         rate_factors: `(others, head)`: the learning rates of the per-task
             variables other than the head, and of the head, as multiples of
             the swept rate.
+        recipe: KM methods: each task takes `batchnorm` and `rate_factors`
+            from `km_tf.recipes.km_recipe` for its training images per
+            class (`for_task`); `prepare` and `rate_factors` as given are
+            then `modulate`'s defaults, which `for_task` replaces.
     """
 
     name: str
@@ -384,6 +395,31 @@ class Method:
     km_options: dict[str, Any] | None = None
     lora_scale: int = 0
     rate_factors: tuple[float, float] = (1.0, 1.0)
+    recipe: bool = False
+
+    def __post_init__(self) -> None:
+        if self.recipe and self.km_options is None:
+            raise ValueError(f"Method {self.name!r}: `recipe` needs "
+                             "`km_options` (a KM method).")
+
+    def for_task(self, images_per_class: int) -> Method:
+        """The method as it trains a task with this many training images
+        in its smallest class (`km_tf.recipes.training_images_per_class`).
+
+        A method without `recipe` is the same on every task and comes back
+        as it is. One with it comes back with `km_recipe`'s `batchnorm` in
+        its `km_options` and `prepare`, and `rate_factors`
+        `(modulator_rate_factor, 1.0)`. (The rule freezes BatchNorm
+        whenever the factor is not 1, so the "others" it scales are the
+        modulators alone, as with km-train's `--modulator_rate_factor`.)
+        """
+        if not self.recipe:
+            return self
+        recipe = km_recipe(images_per_class)
+        options = {**self.km_options, "batchnorm": recipe.batchnorm}
+        return dataclasses.replace(
+            self, prepare=_km(**options), km_options=options,
+            rate_factors=(recipe.modulator_rate_factor, 1.0), recipe=False)
 
 
 def _head_only(model: keras.Model, rank: int) -> keras.Model:
@@ -455,34 +491,37 @@ def _km(**options: Any) -> Callable[[keras.Model, int], keras.Model]:
 
 
 def km_defaults() -> dict[str, Any]:
-    """`km_tf.modulate`'s default modulator options (read, not copied)."""
+    """`km_tf.modulate`'s default options (read, not copied): what every KM
+    row starts from. The `km` row (`recipe`) replaces `batchnorm` per task
+    by the rule; the variants keep it (BatchNorm trained)."""
     return {name: parameter.default for name, parameter
             in inspect.signature(modulate).parameters.items()
             if name in ("hidden_units", "form", "filter_units", "batchnorm")}
 
 
-def _km_label(options: dict[str, Any]) -> str:
+def _km_label(options: dict[str, Any], recipe: bool = False) -> str:
     settings = {**km_defaults(), **options}
     form = settings["form"]
     sizes = {"spatial": f"h{settings['hidden_units']}",
              "filter": f"f{settings['filter_units']}"}.get(
         form, f"h{settings['hidden_units']}/f{settings['filter_units']}")
-    bn = {"freeze": ", BN frozen", "train": ", BN trained"}[
-        settings["batchnorm"]]
+    bn = (", BN by rule" if recipe else
+          {"freeze": ", BN frozen", "train": ", BN trained"}[
+              settings["batchnorm"]])
     return f"{form} {sizes}{bn}"
 
 
 def _km_method(name: str, rate_factors: tuple[float, float] = (1.0, 1.0),
-               **options: Any) -> Method:
-    label = ("KM default (" + _km_label(options) + ")" if name == "km"
-             else "KM " + _km_label(options))
+               recipe: bool = False, **options: Any) -> Method:
+    label = ("KM default (" + _km_label(options, recipe) + ")" if name == "km"
+             else "KM " + _km_label(options, recipe))
     others, head = rate_factors
     if head != 1.0:
         label += f", head lr x{head:g}"
     if others != 1.0:
         label += f", modulator lr x{others:g}"
     return Method(name, label, "km", _km(**options), options,
-                  rate_factors=rate_factors)
+                  rate_factors=rate_factors, recipe=recipe)
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (
@@ -495,7 +534,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            lora_scale=4),
     Method("lora_bn", "LoRA + BN + head", "baseline", _lora("train"),
            lora_scale=1),
-    _km_method("km"),
+    _km_method("km", recipe=True),
     _km_method("km_bntrain", batchnorm="train"),
     _km_method("km_bnfreeze", batchnorm="freeze"),
     _km_method("km_h8", hidden_units=8),
@@ -530,8 +569,8 @@ def method_names(requested: Sequence[str] | None = None) -> list[str]:
             default), `"ablation"` for `ABLATION_METHODS`, `"all"` for
             every method.
 
-    A variant whose settings resolve to the defaults (e.g. `km_spatial16`
-    if the default were spatial/16) duplicates `km` and is dropped.
+    A variant whose settings resolve to `km`'s (options, rate factors and
+    whether the rule sets them) duplicates `km` and is dropped.
     """
     groups = {"main": MAIN_METHODS, "ablation": ABLATION_METHODS,
               "all": tuple(METHODS)}
@@ -541,17 +580,22 @@ def method_names(requested: Sequence[str] | None = None) -> list[str]:
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; choose from "
                          f"{', '.join(METHODS)}, or {', '.join(groups)}.")
-    defaults = km_defaults()
+    default = _km_settings(METHODS["km"])
     kept = []
     for name, method in METHODS.items():
         if name not in names:
             continue
-        if (method.km_options and name != "km" and "km" in names
-                and method.rate_factors == (1.0, 1.0)
-                and {**defaults, **method.km_options} == defaults):
+        if (method.km_options is not None and name != "km" and "km" in names
+                and _km_settings(method) == default):
             continue
         kept.append(name)
     return kept
+
+
+def _km_settings(method: Method) -> tuple:
+    """What a KM method trains with, for comparing two of them."""
+    return ({**km_defaults(), **method.km_options}, method.rate_factors,
+            method.recipe)
 
 
 # ----------------------------------------------------------------------------
@@ -753,6 +797,85 @@ def _task_model(base: keras.Model, outputs: int, seed: int) -> keras.Model:
     return models.replace_head(base, outputs)
 
 
+def task_variants(method: Method, tasks: Sequence[TaskSpec],
+                  images_per_class: dict[str, int]
+                  ) -> list[tuple[Method, list[TaskSpec]]]:
+    """`method` as each task trains it (`Method.for_task`), tasks of the
+    same settings together (one traced step serves each group), in task
+    order. A method without `recipe` is one group of every task."""
+    groups: dict[str, tuple[Method, list[TaskSpec]]] = {}
+    for task in tasks:
+        variant = method.for_task(images_per_class[task.name])
+        key = json.dumps([variant.km_options, variant.rate_factors],
+                         sort_keys=True)
+        groups.setdefault(key, (variant, []))[1].append(task)
+    return list(groups.values())
+
+
+def _prepared_trainer(method: Method, base: keras.Model, outputs: int,
+                      seeds: int, rank: int
+                      ) -> tuple[Trainer, list[list[np.ndarray]]]:
+    """A `Trainer` for `method` and each seed's initial variable values."""
+    inits = []
+    for seed in range(seeds):
+        model = method.prepare(_task_model(base, outputs, seed), rank)
+        inits.append(_variable_values(model))
+    return Trainer(model, outputs, method.rate_factors), inits
+
+
+def _method_info(method: Method, rank: int, tasks: Sequence[TaskSpec],
+                 images_per_class: dict[str, int]) -> dict[str, Any]:
+    """A method's entry in the results, before its runs fill in
+    `per_task_bytes` and `trainable_variables` (per task). A `recipe`
+    method has no fixed `rate_factors`; its `recipe` says, per task, what
+    `km_recipe` chose and why."""
+    names = [task.name for task in tasks]
+    info = {"label": method.label, "group": method.group,
+            "km_options": method.km_options, "lora_rank": rank or None,
+            "rate_factors": (None if method.recipe
+                             else list(method.rate_factors)),
+            "per_task_bytes": dict.fromkeys(names),
+            "trainable_variables": dict.fromkeys(names)}
+    if method.recipe:
+        info["recipe"] = {
+            name: {"images_per_class": images_per_class[name],
+                   **dataclasses.asdict(km_recipe(images_per_class[name]))}
+            for name in names}
+    return info
+
+
+def _task_runs(trainer: Trainer, inits: list[list[np.ndarray]],
+               task: TaskSpec, suite: Suite,
+               datasets: dict[tuple[str, int], km_data.ImageDatasets],
+               num_classes: int, method: str,
+               progress: Callable[[str], None], prefix: str = ""
+               ) -> list[RunResult]:
+    """One method on one task: the rate sweep at seed 0, then the other
+    seeds at the chosen rate."""
+    def run(seed: int, rate: float, phase: str) -> RunResult:
+        run_start = time.perf_counter()
+        data = datasets[task.name, seed]
+        trainer.reset(inits[seed])
+        keras.utils.set_random_seed(seed)
+        loss = trainer.train(data.train, num_classes, suite.steps, rate)
+        val_acc, val_loss = trainer.evaluate(data.validation, num_classes)
+        test_acc, _ = trainer.evaluate(data.test, num_classes)
+        result = RunResult(method, task.name, seed, rate, phase,
+                           round(val_acc, 4), round(val_loss, 4),
+                           round(test_acc, 4), round(loss, 4),
+                           round(time.perf_counter() - run_start, 1))
+        progress(f"{prefix}{method:<12} {task.name:<10} seed {seed} lr "
+                 f"{rate:g}: val {val_acc:.3f} test {test_acc:.3f} "
+                 f"({result.seconds:.0f}s)")
+        return result
+
+    sweep = [run(0, rate, "sweep") for rate in suite.learning_rates]
+    best = max(sweep, key=lambda r: (r.validation_accuracy,
+                                     -r.validation_loss))
+    return sweep + [run(seed, best.learning_rate, "seed")
+                    for seed in range(1, suite.seeds)]
+
+
 def run_suite(suite: Suite, output_dir: str | os.PathLike,
               progress: Callable[[str], None] = logging.info) -> dict:
     """Runs every method on every task; returns the JSON-ready results."""
@@ -773,15 +896,20 @@ def run_suite(suite: Suite, output_dir: str | os.PathLike,
     classes = {task.name: datasets[task.name, 0].num_classes
                for task in suite.tasks}
     counts = {task.name: datasets[task.name, 0].counts for task in suite.tasks}
+    images = {task.name: training_images_per_class(
+                  datasets[task.name, 0].class_counts["train"])
+              for task in suite.tasks}
     outputs = max(classes.values())
 
+    # LoRA matches KM with `modulate`'s defaults (BatchNorm trained), the
+    # same on every task, so its ranks do not depend on the KM rule.
     km_bytes = per_task_bytes(modulate(_task_model(base, outputs, 0)),
                               outputs)
     ranks = {name: METHODS[name].lora_scale * matching_lora_rank(
                  _task_model(base, outputs, 0), km_bytes, name)
              for name in names if METHODS[name].lora_scale}
-    progress(f"LoRA ranks {ranks} (scale x the rank matching the default "
-             "KM's per-task bytes).")
+    progress(f"LoRA ranks {ranks} (scale x the rank matching the per-task "
+             "bytes of KM with modulate's defaults).")
 
     runs: list[RunResult] = []
     method_info: dict[str, dict] = {}
@@ -789,51 +917,23 @@ def run_suite(suite: Suite, output_dir: str | os.PathLike,
         method = METHODS[name]
         rank = ranks.get(name, 0)
         method_start = time.perf_counter()
-        inits = []
-        for seed in range(suite.seeds):
-            model = method.prepare(_task_model(base, outputs, seed), rank)
-            inits.append(_variable_values(model))
-        trainer = Trainer(model, outputs, method.rate_factors)
-        method_info[name] = {
-            "label": method.label, "group": method.group,
-            "km_options": method.km_options,
-            "lora_rank": rank or None,
-            "rate_factors": list(method.rate_factors),
-            "per_task_bytes": {task: per_task_bytes(model, k)
-                               for task, k in classes.items()},
-            "trainable_variables": len(model.trainable_variables),
-        }
-        for task in suite.tasks:
-            k = classes[task.name]
-
-            def run(seed: int, rate: float, phase: str) -> RunResult:
-                run_start = time.perf_counter()
-                data = datasets[task.name, seed]
-                trainer.reset(inits[seed])
-                keras.utils.set_random_seed(seed)
-                loss = trainer.train(data.train, k, suite.steps, rate)
-                val_acc, val_loss = trainer.evaluate(data.validation, k)
-                test_acc, _ = trainer.evaluate(data.test, k)
-                result = RunResult(name, task.name, seed, rate, phase,
-                                   round(val_acc, 4), round(val_loss, 4),
-                                   round(test_acc, 4), round(loss, 4),
-                                   round(time.perf_counter() - run_start, 1))
-                progress(f"[{index}/{len(names)}] {name:<12} "
-                         f"{task.name:<10} seed {seed} lr {rate:g}: val "
-                         f"{val_acc:.3f} test {test_acc:.3f} "
-                         f"({result.seconds:.0f}s)")
-                return result
-
-            sweep = [run(0, rate, "sweep") for rate in suite.learning_rates]
-            runs += sweep
-            best = max(sweep, key=lambda r: (r.validation_accuracy,
-                                             -r.validation_loss))
-            runs += [run(seed, best.learning_rate, "seed")
-                     for seed in range(1, suite.seeds)]
-        method_info[name]["seconds"] = round(
-            time.perf_counter() - method_start, 1)
-        del trainer, model, inits
-        keras.backend.clear_session(free_memory=True)
+        info = method_info[name] = _method_info(method, rank, suite.tasks,
+                                                images)
+        for variant, tasks in task_variants(method, suite.tasks, images):
+            trainer, inits = _prepared_trainer(variant, base, outputs,
+                                               suite.seeds, rank)
+            for task in tasks:
+                k = classes[task.name]
+                info["per_task_bytes"][task.name] = per_task_bytes(
+                    trainer.model, k)
+                info["trainable_variables"][task.name] = len(
+                    trainer.model.trainable_variables)
+                runs += _task_runs(trainer, inits, task, suite, datasets, k,
+                                   name, progress,
+                                   prefix=f"[{index}/{len(names)}] ")
+            del trainer, inits
+            keras.backend.clear_session(free_memory=True)
+        info["seconds"] = round(time.perf_counter() - method_start, 1)
 
     results = {
         "suite": dataclasses.asdict(suite),

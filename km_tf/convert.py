@@ -65,6 +65,8 @@ def modulate(
         batchnorm: `"train"`: BatchNorm gamma, beta and moving statistics
             train per task and are saved in the task file; `"freeze"`: they
             keep the base's values and BatchNorm runs in inference mode.
+            Which suits a task depends on its training images per class:
+            `km_tf.recipes.km_recipe` (km-train's `--batchnorm=auto`).
         head: Names of the layers that train per task besides the
             modulators (the task's head). `None` means every layer with
             weights that is neither a convolution nor a BatchNorm layer.
@@ -88,9 +90,12 @@ def modulate(
     """
     check_modulator_options(hidden_units, form, filter_units)
     if batchnorm not in BATCHNORM_MODES:
+        hint = (" 'auto' depends on the task's training data, which modulate "
+                "does not see: pass km_tf.recipes.km_recipe(images_per_class)"
+                ".batchnorm." if batchnorm == "auto" else "")
         raise ValueError(
-            f"`batchnorm` must be one of {BATCHNORM_MODES}; got {batchnorm!r}."
-        )
+            f"`batchnorm` must be one of {BATCHNORM_MODES}; got "
+            f"{batchnorm!r}.{hint}")
     skip, head = set(skip), None if head is None else set(head)
     _check_modulatable(model, skip, head or set())
 

@@ -95,6 +95,10 @@ class ImageDatasets:
         class_names: Name of each label.
         image_size: `(height, width)` of the images.
         counts: Number of images in each split.
+        class_counts: Number of images of each class (by label) in each
+            split; e.g. `km_tf.recipes.training_images_per_class(
+            class_counts["train"])`. Empty when not counted (datasets
+            built by hand).
     """
 
     train: tf.data.Dataset
@@ -104,7 +108,8 @@ class ImageDatasets:
     class_names: tuple[str, ...]
     image_size: tuple[int, int]
     counts: dict[str, int]
-
+    class_counts: dict[str, tuple[int, ...]] = dataclasses.field(
+        default_factory=dict)
 
 
 def load(
@@ -218,6 +223,10 @@ def load(
         class_names=tuple(source.class_names[i] for i in keep),
         image_size=size,
         counts={split: len(idx) for split, (_, idx) in selection.items()},
+        class_counts={
+            split: tuple(np.bincount(relabel[pool.labels[idx]],
+                                     minlength=len(keep)).tolist())
+            for split, (pool, idx) in selection.items()},
     )
 
 

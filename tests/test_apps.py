@@ -81,8 +81,16 @@ def test_default_run_writes_the_base_task_file_and_report(default_run):
     assert 0 < task["task"]["task_percent_of_base"] < 100
     assert report["settings"]["mode"] == "all"
     assert report["settings"]["image_size"] == 32
+    # --batchnorm=auto (the default) resolved from the training split:
+    # digits 5-9 has over 100 training images per class.
+    settings = report["settings"]
+    assert (settings["batchnorm"], settings["modulator_rate_factor"]) == (
+        "train", 1.0)
+    assert settings["recipe"].startswith("auto: ")
+    assert ">= 16: BatchNorm trained" in settings["recipe"]
     text = (default_run / "report.txt").read_text()
     assert "task / base" in text and "[task] digits:5-9" in text
+    assert "recipe=auto: " in text
 
 
 @pytest.mark.slow
@@ -184,12 +192,13 @@ def test_resume_with_other_flags_is_refused_and_restart_starts_afresh(
         app_command("train", *flags),
         output / "backup" / "task" / "training_metadata.json")
 
-    changed = [*flags, "--task_data=digits:0-4", "--hidden_units=8"]
+    changed = [*flags, "--task_data=digits:0-4", "--hidden_units=8",
+               "--shots=5"]
     refused = run_app("train", *changed)
     assert refused.returncode != 0
     error = refused.stderr.strip().splitlines()[-1]
     assert error.startswith("train.py: error:")
-    for name in ("--task_data", "--hidden_units", "--restart",
+    for name in ("--task_data", "--hidden_units", "--shots", "--restart",
                  str(output / "backup")):
         assert name in error
     assert (output / "backup" / "task").is_dir()  # Nothing was lost.
@@ -198,6 +207,14 @@ def test_resume_with_other_flags_is_refused_and_restart_starts_afresh(
     report = json.loads((output / "report.json").read_text())
     assert report["stages"][-1]["epochs"] == list(range(1, epochs + 1))
     assert report["stages"][-1]["data"] == "digits:0-4"
+    # 5 images per class: --batchnorm=auto froze BatchNorm and slowed the
+    # modulators, and the task file holds no BatchNorm.
+    settings = report["settings"]
+    assert (settings["batchnorm"], settings["modulator_rate_factor"]) == (
+        "freeze", 0.1)
+    assert settings["recipe"].startswith(
+        "auto: 5 training images per class < 16: BatchNorm frozen")
+    assert report["stages"][-1]["task"]["batchnorm_params"] == 0
 
 
 @pytest.mark.parametrize("flags, message", [

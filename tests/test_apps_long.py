@@ -27,6 +27,10 @@ def test_caffe_base_and_new_class_count_train_evaluate_export(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["batchnorm"] == "freeze"
     assert report["settings"]["modulator_rate_factor"] == 0.1
+    # Given explicitly, both win over the rule (digits 5-7: trained, 1x).
+    assert report["settings"]["recipe"].startswith(
+        "batchnorm='freeze' as given")
+    assert "0.1x the head's rate as given" in report["settings"]["recipe"]
     test_accuracy = report["stages"][1]["accuracy"]["test"]
     evaluation = tmp_path / "eval.json"
     check(run_app("evaluate", f"--base={out / 'base.keras'}",

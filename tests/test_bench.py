@@ -94,11 +94,37 @@ def test_lora_rank_matches_target_bytes():
 def test_km_variants_equal_to_the_default_are_dropped():
     names = suite.method_names(["all"])
     settings = [{**suite.km_defaults(), **(suite.METHODS[n].km_options or {}),
-                 "rate_factors": suite.METHODS[n].rate_factors}
+                 "rate_factors": suite.METHODS[n].rate_factors,
+                 "recipe": suite.METHODS[n].recipe}
                 for n in names if suite.METHODS[n].group == "km"]
     assert len(settings) == len({json.dumps(o, sort_keys=True)
                                  for o in settings})
     assert set(suite.MAIN_METHODS) <= set(names)
+    # The default follows the rule; the fixed BatchNorm rows stay apart.
+    assert {"km", "km_bntrain", "km_bnfreeze_mlr10"} <= set(names)
+
+
+def test_km_default_takes_batchnorm_and_rates_from_the_rule_per_task():
+    km = suite.METHODS["km"]
+    assert km.recipe and km.label == "KM default (hybrid h16/f1, BN by rule)"
+    few, many = km.for_task(5), km.for_task(40)
+    assert (few.km_options["batchnorm"], few.rate_factors) == ("freeze",
+                                                               (0.1, 1.0))
+    assert (many.km_options["batchnorm"], many.rate_factors) == ("train",
+                                                                 (1.0, 1.0))
+    for variant, bn_trains in ((few, False), (many, True)):
+        trainable = {v.path for v in variant.prepare(_task_model(), 0)
+                     .trainable_variables}
+        assert any("modulator" in path for path in trainable)
+        assert any(path.startswith("stem_bn/") for path in trainable) == (
+            bn_trains)
+    fixed = suite.METHODS["km_bntrain"]
+    assert fixed.for_task(5) is fixed
+    tasks = [suite.TaskSpec(spec) for spec in ("a", "b", "c")]
+    groups = suite.task_variants(km, tasks, {"a": 40, "b": 5, "c": 16})
+    assert [([t.spec for t in members], variant.rate_factors)
+            for variant, members in groups] == [(["a", "c"], (1.0, 1.0)),
+                                                (["b"], (0.1, 1.0))]
 
 
 def test_smoke_suite_writes_json_png_and_results(tmp_path):
@@ -130,8 +156,19 @@ def test_smoke_suite_writes_json_png_and_results(tmp_path):
               "runs": [r for r in results["runs"] if r["method"] in half]}
              for half in (names[:2], names[2:])]
     assert transfer.merged_results(parts)["summary"] == results["summary"]
-    with pytest.raises(ValueError, match="in two parts"):
-        transfer.merged_results([parts[0], parts[0]])
+    # A rerun of one row replaces that row's runs and nothing else.
+    rerun = names[0]
+    changed = {**results, "methods": {rerun: results["methods"][rerun]},
+               "runs": [{**r, "test_accuracy": 0.0} for r in results["runs"]
+                        if r["method"] == rerun]}
+    merged = transfer.merged_results([results, changed])
+    assert merged["summary"][rerun]["mean_test_accuracy"] == 0.0
+    assert len(merged["runs"]) == len(results["runs"])
+    assert {n: merged["summary"][n] for n in names[1:]} == {
+        n: results["summary"][n] for n in names[1:]}
+    with pytest.raises(ValueError, match="different suite"):
+        transfer.merged_results([results, {**results, "suite": {
+            **results["suite"], "steps": 999}}])
 
 
 def test_offline_suite_runs_on_a_tiny_budget(tmp_path, monkeypatch):
@@ -156,8 +193,20 @@ def test_offline_suite_runs_on_a_tiny_budget(tmp_path, monkeypatch):
     assert results["base"]["classes"] == 4 + 26
     assert results["tasks"]["armenian_0-19"]["classes"] == 20
     assert results["methods"]["lora"]["lora_rank"] >= 1
+    # The KM default follows the rule per task: the glyph tasks (5 and 10
+    # images per class) freeze BatchNorm and slow the modulators.
+    km = results["methods"]["km"]
+    chosen = {task: (r["images_per_class"], r["batchnorm"],
+                     r["modulator_rate_factor"])
+              for task, r in km["recipe"].items()}
+    assert chosen["armenian_0-19"] == (5, "freeze", 0.1)
+    assert chosen["hebrew_0-19"] == (10, "freeze", 0.1)
+    assert chosen["digits_5-9"] == (40, "train", 1.0)
+    assert km["trainable_variables"]["armenian_0-19"] < (
+        km["trainable_variables"]["digits_5-9"])
     text = (tmp_path / "RESULTS.md").read_text()
     assert "Target" in text and "KM default vs LoRA + head" in text
+    assert "KM default: 5 training images per class < 16" in text
 
 
 def _result(methods: dict[str, float], steps: int = 60) -> dict:

@@ -91,8 +91,10 @@ def test_splits_partition_the_selected_classes(digits_task):
     expected = int(np.sum(load_digits().target >= 5))
     assert sum(digits_task.counts.values()) == expected
     for split in data.SPLITS:
-        assert len(labels_of(getattr(digits_task, split))) == (
-            digits_task.counts[split])
+        labels = labels_of(getattr(digits_task, split))
+        assert len(labels) == digits_task.counts[split]
+        assert digits_task.class_counts[split] == tuple(
+            np.bincount(labels, minlength=5))
     assert digits_task.counts["validation"] == pytest.approx(
         0.15 * expected, abs=5)
 
@@ -141,6 +143,7 @@ def test_few_shot_keeps_n_training_images_per_class():
     few = data.load("digits", classes=[0, 1, 2], shots=4, image_size=SIZE)
     assert few.counts["train"] == 12
     np.testing.assert_array_equal(np.bincount(labels_of(few.train)), [4, 4, 4])
+    assert few.class_counts["train"] == (4, 4, 4)
     assert few.counts["test"] > 12
 
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import km_tf
-from km_tf import data, models, reporting, training
+from km_tf import data, models, recipes, reporting, training
 from km_tf.distribute import make_strategy
 from support import small_convnet
 
@@ -206,6 +206,62 @@ def test_resumed_run_starts_from_the_backed_up_weights(tmp_path):
                     np.testing.assert_array_equal(a, b)
 
     fit_small(tmp_path, epochs=3, build=build, callbacks=[CheckRestored()])
+
+
+@pytest.mark.parametrize("images, batchnorm, factor", [
+    (1, "freeze", 0.1), (5, "freeze", 0.1), (15.5, "freeze", 0.1),
+    (recipes.FEW_IMAGES_PER_CLASS, "train", 1.0), (40, "train", 1.0)])
+def test_km_recipe_freezes_batchnorm_and_slows_modulators_below_16(
+        images, batchnorm, factor):
+    recipe = recipes.km_recipe(images)
+    assert (recipe.batchnorm, recipe.modulator_rate_factor) == (batchnorm,
+                                                                factor)
+    assert recipe.reason.startswith(f"{images:g} training images per class")
+    assert ("BatchNorm frozen" if batchnorm == "freeze"
+            else "BatchNorm trained") in recipe.reason
+
+
+@pytest.mark.parametrize("images", [0, -3, float("nan")])
+def test_km_recipe_refuses_image_counts_that_are_not_positive(images):
+    with pytest.raises(ValueError, match="images_per_class. must be positive"):
+        recipes.km_recipe(images)
+
+
+def test_training_images_per_class_is_the_smallest_class():
+    assert recipes.training_images_per_class((40, 7, 40)) == 7
+    with pytest.raises(ValueError, match="class_counts"):
+        recipes.training_images_per_class(())
+
+
+def test_resolve_recipe_follows_the_rule_unless_a_value_is_given():
+    auto = recipes.resolve_recipe(images_per_class=5)
+    assert (auto.batchnorm, auto.modulator_rate_factor) == ("freeze", 0.1)
+    assert auto.reason.startswith("auto: 5 training images per class < 16")
+    rate_given = recipes.resolve_recipe("auto", 0.5, images_per_class=5)
+    assert (rate_given.batchnorm, rate_given.modulator_rate_factor) == (
+        "freeze", 0.5)
+    assert "0.5x the head's rate as given" in rate_given.reason
+    # An explicit BatchNorm mode: no rule, one rate unless one is given.
+    given = recipes.resolve_recipe("train", images_per_class=5)
+    assert (given.batchnorm, given.modulator_rate_factor) == ("train", 1.0)
+    both = recipes.resolve_recipe("freeze", 0.3)
+    assert (both.batchnorm, both.modulator_rate_factor) == ("freeze", 0.3)
+    assert "batchnorm='freeze' as given" in both.reason
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ((), "needs the task's `images_per_class`"),
+    (("bogus",), r"one of \('auto', 'train', 'freeze'\)"),
+    (("train", 0.0), "modulator_rate_factor. must be positive"),
+])
+def test_resolve_recipe_names_what_is_wrong(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        recipes.resolve_recipe(*arguments)
+
+
+def test_modulate_says_where_auto_batchnorm_is_resolved():
+    with pytest.raises(ValueError, match="km_recipe"):
+        km_tf.modulate(small_convnet(SHAPE, NUM_CLASSES), batchnorm="auto")
 
 
 def test_evaluate_accuracy_compiles_an_uncompiled_model():

@@ -16,7 +16,11 @@ one task and saves only the per-task file `{task_name}.kmtask`; `all` (the
 default) does both in one run: pretrain MobileNetV2 (alpha 0.35, 32x32) on
 scikit-learn's digits 0-4, then adapt a KM task to digits 5-9. Every run
 writes `report.json` and `report.txt` (accuracy, per-task bytes, % of the
-base, time) into `--output_dir`.
+base, time) into `--output_dir`. By default (`--batchnorm=auto`) a task's
+BatchNorm mode and modulator rate follow the measured rule of
+`km_tf.recipes` for its training images per class (BatchNorm frozen and the
+modulators at 0.1x the head's rate below 16, else BatchNorm trained and one
+rate); the report says what was chosen and why.
 
 A killed run resumes where it stopped: start the same command again
 (`BackupAndRestore` keeps the last finished epoch under
@@ -35,7 +39,7 @@ import keras
 from absl import flags, logging
 
 import km_tf
-from km_tf import distribute, files, layers, reporting, training
+from km_tf import distribute, files, layers, recipes, reporting, training
 from km_tf.cli import common
 
 MODES = ("all", "pretrain", "task")
@@ -80,14 +84,19 @@ flags.DEFINE_enum("form", layers.DEFAULT_FORM, list(layers.MODULATOR_FORMS),
                   "Modulator unit: spatial (each kh x kw kernel), filter "
                   "(each output filter), hybrid (spatial, but filter for 1x1 "
                   "kernels).")
-flags.DEFINE_enum("batchnorm", "train", list(km_tf.convert.BATCHNORM_MODES),
+flags.DEFINE_enum("batchnorm", recipes.AUTO, list(recipes.BATCHNORM_CHOICES),
                   "train: BatchNorm is part of the task; freeze: keep the "
-                  "base's.")
-flags.DEFINE_float("modulator_rate_factor", 1.0, "The modulators' learning "
+                  "base's; auto: freeze below "
+                  f"{recipes.FEW_IMAGES_PER_CLASS} training images in the "
+                  "task's smallest class, else train (the measured rule, "
+                  "BUILD.md).")
+flags.DEFINE_float("modulator_rate_factor", None, "The modulators' learning "
                    "rate as a multiple of --task_learning_rate (the head's "
-                   "and BatchNorm's). With --batchnorm=freeze, 0.1 was the "
-                   "best setting measured for tasks of few images per class "
-                   "(BUILD.md).")
+                   "and BatchNorm's). Default: by the rule with "
+                   "--batchnorm=auto ("
+                   f"{recipes.FEW_IMAGES_MODULATOR_RATE_FACTOR:g} when it "
+                   "freezes BatchNorm, else 1), 1 otherwise; a value given "
+                   "always wins.")
 # Output.
 flags.DEFINE_string("output_dir", "runs/main", "Folder for the base, task "
                     "file, report, checkpoints, backups and logs.")
@@ -128,11 +137,15 @@ class Inputs:
         base: `--base` (mode task), else None.
         pretrain_data: The base's data (modes all and pretrain), else None.
         task_data: The task's data (modes all and task), else None.
+        recipe: The task's BatchNorm mode and modulator rate, resolved from
+            the flags and `task_data` (`km_tf.recipes.resolve_recipe`), or
+            None without a task.
     """
 
     base: keras.Model | None
     pretrain_data: km_tf.data.ImageDatasets | None
     task_data: km_tf.data.ImageDatasets | None
+    recipe: recipes.KMRecipe | None
 
 
 def pretrain(strategy, dataset: km_tf.data.ImageDatasets, backup_root: str,
@@ -155,17 +168,19 @@ def pretrain(strategy, dataset: km_tf.data.ImageDatasets, backup_root: str,
 
 
 def train_task(strategy, base: keras.Model,
-               dataset: km_tf.data.ImageDatasets, backup_root: str,
-               write_dir: str) -> reporting.StageReport:
-    """Modulates `base`, trains the task and saves its `.kmtask` file."""
+               dataset: km_tf.data.ImageDatasets, recipe: recipes.KMRecipe,
+               backup_root: str, write_dir: str) -> reporting.StageReport:
+    """Modulates `base`, trains the task as `recipe` says and saves its
+    `.kmtask` file."""
+    logging.info("Task settings: %s.", recipe.reason)
     result = training.fit_and_evaluate(
         lambda: km_tf.models.build_task_model(
             base, dataset.num_classes, hidden_units=FLAGS.hidden_units,
             filter_units=FLAGS.filter_units, form=FLAGS.form,
-            batchnorm=FLAGS.batchnorm),
+            batchnorm=recipe.batchnorm),
         dataset, strategy=strategy,
         optimizer=_optimizer(FLAGS.task_learning_rate, dataset,
-                             FLAGS.modulator_rate_factor),
+                             recipe.modulator_rate_factor),
         epochs=FLAGS.task_epochs,
         backup_dir=os.path.join(backup_root, "task"), write_dir=write_dir,
         stage="task", steps_per_epoch=FLAGS.steps_per_epoch,
@@ -190,13 +205,16 @@ def _stage_report(stage: str, spec: str, dataset: km_tf.data.ImageDatasets,
 
 def check_inputs(strategy) -> Inputs:
     """Loads and checks everything a run reads before it creates an output:
-    the optimizer settings, `--base` and its input size (mode task) and the
-    datasets (specs, folders, decodable images, class counts)."""
+    the optimizer settings, `--base` and its input size (mode task), the
+    datasets (specs, folders, decodable images, class counts) and the
+    task's settings (`--batchnorm=auto` resolved from its training
+    split)."""
+    factor = FLAGS.modulator_rate_factor
     for rate in (FLAGS.learning_rate, FLAGS.task_learning_rate):
         training.OptimizerOptions(
             name=FLAGS.optimizer, learning_rate=rate, schedule=FLAGS.schedule,
-            modulator_rate_factor=FLAGS.modulator_rate_factor)
-    base = pretrain_data = task_data = None
+            modulator_rate_factor=1.0 if factor is None else factor)
+    base = pretrain_data = task_data = recipe = None
     if FLAGS.mode == "task":
         if not FLAGS.base:
             raise FileNotFoundError(
@@ -211,7 +229,11 @@ def check_inputs(strategy) -> Inputs:
     if FLAGS.mode != "pretrain":
         task_data = common.load_data(FLAGS.task_data, size,
                                      augment=FLAGS.augment, shots=FLAGS.shots)
-    return Inputs(base, pretrain_data, task_data)
+        recipe = recipes.resolve_recipe(
+            FLAGS.batchnorm, FLAGS.modulator_rate_factor,
+            images_per_class=recipes.training_images_per_class(
+                task_data.class_counts["train"]))
+    return Inputs(base, pretrain_data, task_data, recipe)
 
 
 def obtain_base(strategy, inputs: Inputs, backup_root: str, write_dir: str,
@@ -257,25 +279,32 @@ def main(argv):
                                           write_dir, stages)
         if FLAGS.mode != "pretrain":
             stages.append(train_task(strategy, base, inputs.task_data,
-                                     backup_root, write_dir))
+                                     inputs.recipe, backup_root, write_dir))
         report = reporting.RunReport(
-            settings=_settings(strategy, base), stages=stages,
+            settings=_settings(strategy, base, inputs.recipe), stages=stages,
             seconds=time.perf_counter() - start)
         reporting.write_report(report, write_dir)
     if distribute.is_chief(strategy):
         print(report, flush=True)
 
 
-def _settings(strategy, base: keras.Model | None) -> dict:
+def _settings(strategy, base: keras.Model | None,
+              recipe: recipes.KMRecipe | None) -> dict:
     """The flags that shape the run, and the input size used, for the
-    report."""
+    report; with a task, the BatchNorm mode and modulator rate it trained
+    with (`--batchnorm=auto` resolved) and why (`recipe`)."""
     names = ["mode", "model", "alpha", "batch_size", "shots", "optimizer",
              "schedule", "hidden_units", "filter_units", "form", "batchnorm",
              "modulator_rate_factor", "strategy"]
     size = (km_tf.models.input_size(base)[0] if base is not None
             else common.pretrain_image_size()[0])
-    return {**{name: FLAGS[name].value for name in names},
-            "image_size": size, "replicas": strategy.num_replicas_in_sync}
+    settings = {name: FLAGS[name].value for name in names}
+    if recipe is not None:
+        settings.update(batchnorm=recipe.batchnorm,
+                        modulator_rate_factor=recipe.modulator_rate_factor,
+                        recipe=recipe.reason)
+    return {**settings, "image_size": size,
+            "replicas": strategy.num_replicas_in_sync}
 
 
 def run() -> None:
