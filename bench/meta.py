@@ -86,6 +86,8 @@ class Config:
     eval_inner_steps: int = 10
     inner_learning_rate: float = 0.1
     modulator_learning_rate: float | None = None
+    learn_inner_rates: bool = False
+    adapt_batchnorm: bool = False
     first_order: bool = False
     outer_learning_rate: float = 1e-3
     finetune_steps: int = 100
@@ -130,6 +132,10 @@ def define_flags() -> None:
                        "km_maml: inner-loop step size of the modulators "
                        "(default: km_tf.meta's, 0.1 x "
                        "--inner_learning_rate).")
+    flags.DEFINE_bool("learn_inner_rates", defaults.learn_inner_rates,
+                      "Meta-learners meta-learn one inner step size per "
+                      "inner weight (MAML++-style), starting at the "
+                      "fixed rates.")
     flags.DEFINE_bool("first_order", defaults.first_order,
                       "First-order meta-gradients.")
     flags.DEFINE_float("outer_learning_rate", defaults.outer_learning_rate,
@@ -139,6 +145,9 @@ def define_flags() -> None:
     flags.DEFINE_float("finetune_learning_rate",
                        defaults.finetune_learning_rate,
                        "Fine-tuning step size.")
+    flags.DEFINE_bool("adapt_batchnorm", defaults.adapt_batchnorm,
+                      "km_maml: tasks also adapt BatchNorm's gamma and "
+                      "beta.")
     flags.DEFINE_integer("hidden_units", None,
                          "Modulator hidden units (default: km_tf's).")
     flags.DEFINE_integer("eval_episodes", defaults.eval_episodes,
@@ -166,11 +175,13 @@ def config_from_flags() -> Config:
         eval_inner_steps=flag.eval_inner_steps,
         inner_learning_rate=flag.inner_learning_rate,
         modulator_learning_rate=flag.modulator_learning_rate,
+        learn_inner_rates=flag.learn_inner_rates,
         first_order=flag.first_order,
         outer_learning_rate=flag.outer_learning_rate,
         finetune_steps=flag.finetune_steps,
         finetune_learning_rate=flag.finetune_learning_rate,
-        hidden_units=flag.hidden_units, eval_episodes=flag.eval_episodes,
+        hidden_units=flag.hidden_units,
+        adapt_batchnorm=flag.adapt_batchnorm, eval_episodes=flag.eval_episodes,
         log_every=flag.log_every, seed=flag.seed)
 
 
@@ -201,10 +212,14 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
             inner_steps=config.inner_steps,
             inner_learning_rate=config.inner_learning_rate,
             modulator_learning_rate=config.modulator_learning_rate,
+            learn_inner_rates=config.learn_inner_rates,
             first_order=config.first_order,
             eval_inner_steps=config.eval_inner_steps)
-        extra = ({"hidden_units": config.hidden_units}
-                 if method == "km_maml" and config.hidden_units else {})
+        extra = {}
+        if method == "km_maml":
+            extra["adapt_batchnorm"] = config.adapt_batchnorm
+            if config.hidden_units:
+                extra["hidden_units"] = config.hidden_units
         learner = meta.make_learner(method, base, config.ways,
                                     options=options, optimizer=optimizer,
                                     **extra)
@@ -286,6 +301,8 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as a Markdown report."""
     config, data = results["config"], results["data"]
     classes = data["classes"]
+    learned = (" (initial rates, each weight's meta-learned)"
+               if config.get("learn_inner_rates") else "")
     lines = [
         "# Few-shot meta-learning: KM-MAML, ANIL, MAML, fine-tuning",
         "",
@@ -299,7 +316,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{config['seed']}; {config['meta_steps']} meta-steps of "
         f"{config['meta_batch_size']} episodes ({config['inner_steps']} inner "
         f"steps at {config['inner_learning_rate']}, KM-MAML's modulators "
-        f"at {_modulator_rate(config)}, "
+        f"at {_modulator_rate(config)}{learned}, "
         f"{'first' if config['first_order'] else 'second'}-order, Adam "
         f"{config['outer_learning_rate']}); meta-learners adapt "
         f"{config['eval_inner_steps']} steps at test, fine-tuning "

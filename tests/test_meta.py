@@ -13,7 +13,9 @@ import tensorflow as tf
 
 import km_tf
 from km_tf import meta, models
+from km_tf.training import modulator_variables
 from km_tf.layers import KM_LAYERS
+from km_tf.meta import loop
 from km_tf.walk import walk_layers
 
 IMAGE_SIZE = 8
@@ -248,8 +250,11 @@ def test_run_model_enters_nested_sequential_models():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_an_inner_step_changes_only_modulators_and_head():
-    learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4)
+@pytest.mark.parametrize("adapt_batchnorm", [False, True])
+def test_an_inner_step_changes_only_modulators_and_head(adapt_batchnorm):
+    """... and BatchNorm's gamma and beta with adapt_batchnorm."""
+    learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
+                           adapt_batchnorm=adapt_batchnorm)
     randomize_modulators(learner.model)
     model_before = [numpy(v).copy() for v in learner.model.variables]
     episode = sampler().episode(0)
@@ -264,8 +269,11 @@ def test_an_inner_step_changes_only_modulators_and_head():
         assert (variable.path in adapts) == (id(variable) in inner), (
             variable.path)
     expected = {v.path for v in learner.model.variables
-                if "/modulator/" in v.path or v.path.startswith("head/")}
+                if "/modulator/" in v.path or v.path.startswith("head/")
+                or (adapt_batchnorm and v.path.endswith(("/gamma", "/beta")))}
     assert adapts == expected
+    assert any(path.endswith("/gamma") for path in adapts) == (
+        adapt_batchnorm)
     # Adapting is a pure function: no variable of the model moved.
     for variable, old in zip(learner.model.variables, model_before):
         np.testing.assert_array_equal(numpy(variable), old)
@@ -343,14 +351,14 @@ def test_meta_train_step_runs_the_same_in_a_tf_function():
                                    err_msg=a.path)
 
 
-def _float64_learner(first_order):
+def _float64_learner(first_order, **changes):
     keras.utils.set_random_seed(3)
     # The new head follows the global policy (the fixture resets it).
     keras.mixed_precision.set_global_policy("float64")
     learner = meta.km_maml(
         tiny_base(dtype="float64", activation="tanh"), WAYS, hidden_units=3,
         options=options(inner_steps=2, inner_learning_rate=0.5,
-                        first_order=first_order))
+                        first_order=first_order, **changes))
     randomize_modulators(learner.model)
     return learner
 
@@ -398,6 +406,72 @@ def test_second_order_meta_gradients_match_finite_differences():
             name, approx, numeric)
 
 
+def test_learned_inner_rates_start_fixed_and_get_exact_meta_gradients():
+    """With learn_inner_rates, the rates are one outer variable that starts
+    at the fixed rates (so the first adaptation is the fixed-rate one), its
+    meta-gradient matches central differences in float64, and an outer
+    step moves every rate."""
+    learner = _float64_learner(first_order=False, learn_inner_rates=True)
+    fixed = _float64_learner(first_order=False)
+    modulators = {id(v) for v in modulator_variables(learner.model)}
+    assert learner.outer_variables[-1] is learner.parameters[-1] is (
+        learner.inner_rates)
+    assert learner.inner_step_sizes() == pytest.approx(
+        [0.05 if id(v) in modulators else 0.5
+         for v in learner.inner_variables])
+    assert learner.inner_step_sizes() == pytest.approx(
+        fixed.inner_step_sizes())
+    episode = sampler().episode(0)
+    ours = learner.adapt(learner.parameter_values(), episode.support_images,
+                         episode.support_labels, steps=2)
+    theirs = fixed.adapt(fixed.parameter_values(), episode.support_images,
+                         episode.support_labels, steps=2)
+    for mine, other in zip(ours[:-1], theirs):
+        np.testing.assert_allclose(numpy(mine), numpy(other), rtol=1e-6,
+                                   atol=1e-9)
+
+    batch = episode_batch(count=1)
+    values = [tf.cast(v, tf.float64) for v in learner.parameter_values()]
+    direction = np.random.default_rng(1).standard_normal(values[-1].shape)
+
+    def objective(shift):
+        return float(learner.meta_gradients(
+            values[:-1] + [values[-1] + shift * direction], batch).loss)
+
+    gradient = numpy(learner.meta_gradients(values, batch).gradients[-1])
+    epsilon = 1e-6
+    numeric = (objective(epsilon) - objective(-epsilon)) / (2 * epsilon)
+    exact = float(np.sum(gradient * direction))
+    assert abs(exact - numeric) <= 1e-8 * max(1.0, abs(numeric)), (
+        exact, numeric)
+    assert np.all(gradient != 0)
+
+    before = numpy(learner.inner_rates).copy()
+    learner.meta_train_step(batch)
+    assert np.all(numpy(learner.inner_rates) != before)
+
+
+def test_learned_inner_rates_are_checkpointed_and_refused_where_unusable(
+        tmp_path):
+    learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
+                           options=options(learn_inner_rates=True))
+    stage = loop.meta_stage(learner, sampler(), meta_batch_size=1)
+    assert stage.variables["rates"] == [learner.inner_rates]
+    checkpoint = loop.Checkpoint(tmp_path / "checkpoint.npz",
+                                      stage.variables)
+    checkpoint.save({"step": 1})
+    saved = numpy(learner.inner_rates).copy()
+    learner.inner_rates.assign(np.zeros_like(saved))
+    assert checkpoint.restore() == {"step": 1}
+    np.testing.assert_array_equal(numpy(learner.inner_rates), saved)
+    with pytest.raises(ValueError, match="drop --first_order|"
+                       "first_order=False"):
+        options(learn_inner_rates=True, first_order=True)
+    with pytest.raises(ValueError, match="learn_inner_rates=False"):
+        meta.finetune(tiny_base(), WAYS, options=options(
+            learn_inner_rates=True))
+
+
 def test_first_order_gradients_are_query_gradients_at_adapted_weights():
     learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
                            options=options(inner_steps=2, first_order=True))
@@ -423,9 +497,12 @@ def test_first_order_gradients_are_query_gradients_at_adapted_weights():
                                    err_msg=variable.path)
 
 
-def test_an_adapted_task_saves_and_restores_as_a_task_file(tmp_path):
+@pytest.mark.parametrize("adapt_batchnorm", [False, True])
+def test_an_adapted_task_saves_and_restores_as_a_task_file(tmp_path,
+                                                          adapt_batchnorm):
     base = tiny_base()
-    learner = meta.km_maml(base, WAYS, hidden_units=4, options=options())
+    learner = meta.km_maml(base, WAYS, hidden_units=4, options=options(),
+                           adapt_batchnorm=adapt_batchnorm)
     learner.meta_train_step(episode_batch())
     meta_base = meta.meta_trained_base(learner)
     assert not any(isinstance(layer, KM_LAYERS)
@@ -436,7 +513,11 @@ def test_an_adapted_task_saves_and_restores_as_a_task_file(tmp_path):
                             steps=2)
     path = tmp_path / "task.kmtask"
     header = meta.save_adapted_task(learner, adapted, meta_base, path)
-    assert {t["role"] for t in header.tensors} == {"modulated", "head"}
+    assert {t["role"] for t in header.tensors} == {"modulated", "head"} | (
+        {"batchnorm"} if adapt_batchnorm else set())
+    storage = meta.task_storage(learner)
+    assert storage.contents == ("modulators + batchnorm + head"
+                                if adapt_batchnorm else "modulators + head")
     meta_base.save(tmp_path / "base.keras")
     loaded = keras.saving.load_model(tmp_path / "base.keras")
     restored = km_tf.restore_task(loaded, path)

@@ -46,6 +46,8 @@ BAD_FLAGS = {
                  "replicas"),
     "size": (["--model=mobilenet_v2", "--image_size=28"],
              "--model=mobilenet_v2 needs --image_size of 32 or more"),
+    "rates": (["--learn_inner_rates", "--first_order"],
+              "--learn_inner_rates needs second-order meta-gradients"),
 }
 
 
@@ -217,6 +219,11 @@ def test_run_logs_a_line_per_interval_and_reports(runs):
     storage = result["task_storage"]
     assert storage["contents"] == "modulators + head"
     assert 0 < storage["task_bytes"] < storage["base_bytes"]
+    # The inner rates tasks adapt with: fixed, modulators at 0.1x the head.
+    rates = result["inner_rates"]
+    assert {rate["modulator"] for rate in rates} == {True, False}
+    assert all(rate["rate"] == (0.01 if rate["modulator"] else 0.1)
+               for rate in rates), rates
     assert "95% CI" in (out / "meta.report.txt").read_text()
 
 

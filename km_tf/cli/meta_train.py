@@ -61,7 +61,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
-from km_tf import distribute, files, layers, meta, models
+from km_tf import distribute, files, layers, meta, models, training
 from km_tf.cli import common
 from km_tf.meta import loop, pools as meta_pools
 from km_tf.meta.metrics import task_storage
@@ -114,6 +114,10 @@ flags.DEFINE_float("inner_learning_rate", 0.1, "Step size of the inner "
 flags.DEFINE_float("modulator_learning_rate", None, "km_maml: inner-loop "
                    "step size of the modulators (default: 0.1 x "
                    "--inner_learning_rate, measured in BUILD.md).")
+flags.DEFINE_boolean("learn_inner_rates", False, "Meta-learn one inner "
+                     "step size per inner weight, starting at the rates "
+                     "above (MAML++-style per-layer rates; second-order "
+                     "only; not finetune).")
 flags.DEFINE_boolean("first_order", False, "First-order meta-gradients "
                      "(FOMAML): faster, less exact.")
 flags.DEFINE_enum("finetune_layers", "head", list(FINETUNE_LAYERS),
@@ -135,6 +139,9 @@ flags.DEFINE_integer("filter_units", layers.DEFAULT_FILTER_UNITS,
                      "Hidden width of the modulators of whole-filter units.")
 flags.DEFINE_enum("form", layers.DEFAULT_FORM, list(layers.MODULATOR_FORMS),
                   "Modulator unit (see km-train --help).")
+flags.DEFINE_boolean("adapt_batchnorm", False, "km_maml: tasks also adapt "
+                     "BatchNorm's gamma and beta (their files hold "
+                     "BatchNorm, as a km-train task with --batchnorm=train).")
 # Evaluation, logging, checkpoints.
 flags.DEFINE_integer("eval_episodes", 600, "Meta-test episodes of the final "
                      "evaluation.", lower_bound=2)
@@ -194,6 +201,15 @@ def check_flags(strategy: tf.distribute.Strategy) -> None:
             FLAGS.modulator_learning_rate > 0):
         raise ValueError("--modulator_learning_rate must be positive; got "
                          f"{FLAGS.modulator_learning_rate}.")
+    if FLAGS.learn_inner_rates and FLAGS.method == "finetune":
+        raise ValueError(
+            "--learn_inner_rates meta-learns the inner rates, and finetune "
+            "meta-trains nothing: use --method=km_maml, anil or maml, or "
+            "drop --learn_inner_rates.")
+    if FLAGS.learn_inner_rates and FLAGS.first_order:
+        raise ValueError(
+            "--learn_inner_rates needs second-order meta-gradients (the "
+            "first-order ones never reach the rates): drop --first_order.")
     if not FLAGS.outer_learning_rate > 0:
         raise ValueError("--outer_learning_rate must be positive; got "
                          f"{FLAGS.outer_learning_rate}.")
@@ -240,6 +256,7 @@ def _options() -> meta.MetaOptions:
         inner_steps=FLAGS.inner_steps,
         inner_learning_rate=FLAGS.inner_learning_rate,
         modulator_learning_rate=FLAGS.modulator_learning_rate,
+        learn_inner_rates=FLAGS.learn_inner_rates,
         first_order=FLAGS.first_order,
         eval_inner_steps=FLAGS.eval_inner_steps)
 
@@ -261,7 +278,8 @@ def build(pools: meta_pools.MetaPools) -> Setup:
         FLAGS.model, FLAGS.ways, image_size=size, alpha=FLAGS.alpha,
         dropout=0.0, bn_momentum=FLAGS.bn_momentum)
     modulation = ({"hidden_units": FLAGS.hidden_units,
-                   "filter_units": FLAGS.filter_units, "form": FLAGS.form}
+                   "filter_units": FLAGS.filter_units, "form": FLAGS.form,
+                   "adapt_batchnorm": FLAGS.adapt_batchnorm}
                   if FLAGS.method == "km_maml" else {})
     learner = meta.make_learner(FLAGS.method, base, FLAGS.ways,
                                 options=_options(), optimizer=optimizer,
@@ -341,6 +359,16 @@ def write_outputs(learner: meta.MetaLearner, base: keras.Model,
     return outputs
 
 
+def inner_rates(learner: meta.MetaLearner) -> list[dict[str, Any]]:
+    """The inner step size of each weight a task adapts (the meta-learned
+    ones with --learn_inner_rates): a task adapted elsewhere from the saved
+    base must use these rates."""
+    modulators = {id(v) for v in training.modulator_variables(learner.model)}
+    return [{"variable": variable.path, "modulator": id(variable) in
+             modulators, "rate": round(rate, 6)} for variable, rate
+            in zip(learner.inner_variables, learner.inner_step_sizes())]
+
+
 def _shown(name: str) -> str:
     return os.path.join(FLAGS.output_dir, name)
 
@@ -403,6 +431,7 @@ def main(argv):
                 "batch_statistics": learner.options.batch_statistics,
                 "seconds": round(time.perf_counter() - evaluated, 3)},
             "task_storage": task_storage(learner).to_dict(),
+            "inner_rates": inner_rates(learner),
             "outputs": write_outputs(learner, setup.base, pools, write_dir),
             "seconds": round(time.perf_counter() - started, 3)}
         write_report(report, write_dir)
@@ -413,10 +442,11 @@ def main(argv):
 def _settings(strategy: tf.distribute.Strategy) -> dict[str, Any]:
     names = ["method", "model", "alpha", "image_size", "data", "ways",
              "shots", "queries", "meta_batch_size", "inner_steps",
-             "eval_inner_steps", "inner_learning_rate", "first_order",
+             "eval_inner_steps", "inner_learning_rate",
+             "learn_inner_rates", "first_order",
              "outer_learning_rate", "meta_steps", "seed", "strategy"]
     if FLAGS.method == "km_maml":
-        names += ["hidden_units", "filter_units", "form",
+        names += ["hidden_units", "filter_units", "form", "adapt_batchnorm",
                   "modulator_learning_rate"]
     if FLAGS.method == "finetune":
         names += ["finetune_layers"]
@@ -460,6 +490,12 @@ def report_text(report: dict[str, Any]) -> str:
         f"per task: {storage['contents']}, {storage['task_bytes']:,} bytes "
         f"({storage['percent_of_base']:.2f}% of the "
         f"{storage['base_bytes']:,}-byte base)"]
+    rates = report.get("inner_rates", [])
+    if settings.get("learn_inner_rates") and rates:
+        lines.append("learned inner rates (each in meta.report.json): "
+                     + ", ".join(f"{name} {min(group):.4g} .. "
+                                 f"{max(group):.4g}"
+                                 for name, group in _rate_groups(rates)))
     outputs = report["outputs"]
     written = [outputs["base"], outputs.get("meta_init")]
     if "example_task" in outputs:
@@ -471,6 +507,16 @@ def report_text(report: dict[str, Any]) -> str:
     lines.append("wrote " + ", ".join(name for name in written if name))
     lines.append(f"total time {report['seconds']:.1f} s")
     return "\n".join(lines)
+
+
+def _rate_groups(rates: list[dict[str, Any]]
+                 ) -> list[tuple[str, list[float]]]:
+    """The rates of modulator weights and of the rest, for the text."""
+    groups = {"modulators": [], "other weights": []}
+    for rate in rates:
+        groups["modulators" if rate["modulator"]
+               else "other weights"].append(rate["rate"])
+    return [(name, group) for name, group in groups.items() if group]
 
 
 def write_report(report: dict[str, Any], directory: str) -> None:

@@ -7,8 +7,10 @@
 
 A meta-trained KM network is a plain base plus modulators, so once the base
 is saved (`base.save("base.keras")`), every new few-shot task is a small
-task file holding its adapted modulators and head. The task uses the base's
-BatchNorm (`batchnorm="freeze"`: moving statistics, inference mode), so its
+task file holding its adapted modulators and head (and BatchNorm's gamma
+and beta when the learner adapts them: `batchnorm="train"`, the moving
+statistics copied from meta-training). The task runs BatchNorm with those
+moving statistics (inference mode), so its
 predictions equal the learner's in inference mode
 (`learner.forward(values, x, training=False)`), not the transductive
 batch-statistics ones MAML reports.
@@ -28,7 +30,8 @@ from km_tf.layers import KM_LAYERS
 from km_tf.meta.learners import MetaLearner
 from km_tf.task_header import TaskHeader
 from km_tf.tasks import PathLike, save_task, task_variables
-from km_tf.walk import ROLE_HEAD, layer_role, walk_layers, weighted_layers
+from km_tf.walk import (ROLE_BATCHNORM, ROLE_HEAD, layer_role, walk_layers,
+                         weighted_layers)
 
 
 def meta_trained_base(learner: MetaLearner) -> keras.Model:
@@ -67,7 +70,8 @@ def save_adapted_task(learner: MetaLearner, values: Sequence[tf.Tensor],
     """Writes a KM-MAML task, adapted by `learner.adapt`, as a task file.
 
     A fresh `km_tf.modulate(base, batchnorm="freeze")` (with the learner's
-    modulator options) gets the adapted modulators and head, and
+    modulator options; `"train"` if the learner adapts BatchNorm) gets the
+    adapted modulators and head (and BatchNorm), and
     `km_tf.save_task` writes it; `km_tf.restore_task(base, path)` rebuilds
     it.
 
@@ -98,7 +102,10 @@ def save_adapted_task(learner: MetaLearner, values: Sequence[tf.Tensor],
             f"{len(learner.parameters)} parameters: pass the list "
             "learner.adapt(...) returns.")
     options = modulation_options(learner.model)
-    task = modulate(base, batchnorm="freeze",
+    roles = {item.role for item in task_variables(learner.model)
+             if any(item.variable is v for v in learner.inner_variables)}
+    task = modulate(base, batchnorm=("train" if ROLE_BATCHNORM in roles
+                                     else "freeze"),
                     **{key: options[key] for key in
                        ("hidden_units", "form", "filter_units")})
     _check_base(learner.model, task)

@@ -10,8 +10,8 @@ the adapted network, averaged over a meta-batch of episodes, and its
 optimizer (a Keras optimizer) updates the initial weights.
 
     method      inner loop adapts          outer loop meta-trains
-    km_maml     modulators + head          base kernels and biases, BN
-                                           gamma/beta, modulators, head
+    km_maml     modulators + head (+ BN    base kernels and biases, BN
+                gamma/beta if asked)       gamma/beta, modulators, head
     anil        head                       everything trainable
     maml        everything trainable       everything trainable
     finetune    head (or everything)       nothing (a pretrained base)
@@ -76,7 +76,8 @@ from km_tf.meta.episodes import Episode
 from km_tf.meta.forward import run_model
 from km_tf.models.heads import replace_head
 from km_tf.tasks import task_variables
-from km_tf.walk import ROLE_HEAD, ROLE_MODULATED, layer_role, walk_layers
+from km_tf.walk import (ROLE_BATCHNORM, ROLE_HEAD, ROLE_MODULATED,
+                         layer_role, walk_layers)
 
 METHODS = ("km_maml", "anil", "maml", "finetune")
 # The modulators' inner step size as a multiple of the head's (km_maml).
@@ -106,6 +107,14 @@ class MetaOptions:
             `inner_learning_rate`. Measured on the offline glyph split
             (BUILD.md, "Few-shot meta-learning"): one rate for modulators
             and head gave 91.5 / 92.8% at 1 / 5 shots, 0.1x 93.8 / 96.3%.
+        learn_inner_rates: Meta-learn the inner step sizes: one per inner
+            variable (per layer weight, as MAML++'s per-layer rates,
+            Antoniou et al., 2019, without their per-step ones, so any
+            number of evaluation steps can use them), starting at the fixed
+            rates above. They are outer variables (`MetaLearner.
+            inner_rates`), trained by the outer optimizer through the
+            second-order meta-gradient; a first-order learner refuses them
+            (its meta-gradient does not reach them).
     """
 
     inner_steps: int = 5
@@ -114,6 +123,7 @@ class MetaOptions:
     eval_inner_steps: int | None = None
     batch_statistics: bool = True
     modulator_learning_rate: float | None = None
+    learn_inner_rates: bool = False
 
     def __post_init__(self) -> None:
         for name in ("inner_steps", "eval_inner_steps"):
@@ -129,6 +139,12 @@ class MetaOptions:
             if value is not None and not value > 0:
                 raise ValueError(f"`{name}` must be positive; got "
                                  f"{value!r}.")
+        if self.learn_inner_rates and self.first_order:
+            raise ValueError(
+                "`learn_inner_rates` needs second-order meta-gradients (the "
+                "first-order ones stop at the inner steps, so the rates "
+                "would get none): set first_order=False, or keep the rates "
+                "fixed.")
 
     def inner_rate(self, role: str) -> float:
         """Inner step size of a variable of this `km_tf.walk` role."""
@@ -185,8 +201,12 @@ class MetaLearner:
 
     Attributes:
         parameters: The variables the learner differentiates (inner and
-            outer ones, in the model's order); a list of *values* always
-            follows this order.
+            outer ones, in the model's order, then `inner_rates`); a list
+            of *values* always follows this order.
+        inner_rates: With `options.learn_inner_rates`, the meta-learned
+            inner step sizes: a float32 vector variable, one per inner
+            variable (in `inner_variables`' order), also the last outer
+            variable; `None` with fixed rates.
     """
 
     def __init__(self, model: keras.Model, *,
@@ -223,6 +243,14 @@ class MetaLearner:
                  for item in task_variables(model)}
         self._inner_rates = [options.inner_rate(roles.get(id(v), ""))
                              for v in self.inner_variables]
+        self.inner_rates = None
+        if options.learn_inner_rates:
+            self.inner_rates = keras.Variable(
+                np.asarray(self._inner_rates, np.float32), dtype="float32",
+                name="inner_rates")
+            self.parameters.append(self.inner_rates)
+            self.outer_variables.append(self.inner_rates)
+            outer_ids.add(id(self.inner_rates))
         self._outer = [i for i, v in enumerate(self.parameters)
                        if id(v) in outer_ids]
         self.optimizer = optimizer or keras.optimizers.Adam(1e-3)
@@ -234,6 +262,14 @@ class MetaLearner:
                                   autograph=False)
 
     # -- Pure functions of weight values --------------------------------
+
+    def inner_step_sizes(self) -> list[float]:
+        """The inner step size of each of `inner_variables` (the learned
+        ones with `options.learn_inner_rates`)."""
+        if self.inner_rates is None:
+            return list(self._inner_rates)
+        return [float(rate) for rate in
+                keras.ops.convert_to_numpy(self.inner_rates)]
 
     def parameter_values(self) -> Values:
         """The current values of `parameters`, as tensors."""
@@ -389,6 +425,9 @@ class MetaLearner:
         """The inner loop. With `second_order`, the updates stay
         differentiable for an enclosing tape; else their gradients are
         constants (stopped)."""
+        rates = self._inner_rates
+        if self.inner_rates is not None:
+            rates = tf.unstack(values[-1])
         for _ in range(steps):
             inner = [values[i] for i in self._inner]
             with tf.GradientTape() as tape:
@@ -398,13 +437,13 @@ class MetaLearner:
                 loss = cross_entropy(labels, logits)
             gradients = tape.gradient(loss, inner)
             values = list(values)
-            for i, rate, gradient in zip(self._inner, self._inner_rates,
-                                         gradients):
+            for i, rate, gradient in zip(self._inner, rates, gradients):
                 if gradient is None:
                     continue
                 if not second_order:
                     gradient = tf.stop_gradient(gradient)
-                values[i] = values[i] - rate * gradient
+                values[i] = values[i] - tf.cast(rate, gradient.dtype) * (
+                    gradient)
         return values, state
 
     def _task_gradients(self, values: Values, state: State, episode: Episode
@@ -504,14 +543,17 @@ def km_maml(base: keras.Model, ways: int, *,
             head_layer: str | None = None,
             hidden_units: int = DEFAULT_HIDDEN_UNITS,
             form: str = DEFAULT_FORM,
-            filter_units: int = DEFAULT_FILTER_UNITS) -> MetaLearner:
+            filter_units: int = DEFAULT_FILTER_UNITS,
+            adapt_batchnorm: bool = False) -> MetaLearner:
     """KM-MAML: tasks adapt modulators and head; meta-training trains all.
 
     The model is `km_tf.modulate(base with a ways-class head,
-    batchnorm="train")`. The inner loop adapts the modulators and the head;
-    the outer loop meta-trains the base kernels and biases, BatchNorm's
-    gamma and beta, and the modulators' and head's initial values.
-    Convolutions `modulate` cannot rewrite stay frozen.
+    batchnorm="train")`. The inner loop adapts the modulators and the head
+    (and, with `adapt_batchnorm`, BatchNorm's gamma and beta: what a KM
+    transfer task with `batchnorm="train"` holds); the outer loop
+    meta-trains the base kernels and biases, BatchNorm's gamma and beta,
+    and the modulators' and head's initial values. Convolutions `modulate`
+    cannot rewrite stay frozen.
 
     Args:
         base: A pretrained (or fresh) base classifier; not changed.
@@ -523,6 +565,8 @@ def km_maml(base: keras.Model, ways: int, *,
         hidden_units: Modulator size (see `km_tf.modulate`).
         form: Modulator form.
         filter_units: Hidden width of filter-unit modulators.
+        adapt_batchnorm: Tasks also adapt BatchNorm's gamma and beta (two
+            values per channel), so their files hold BatchNorm too.
 
     Returns:
         The `MetaLearner`.
@@ -530,8 +574,10 @@ def km_maml(base: keras.Model, ways: int, *,
     model = modulate(replace_head(base, ways, head_layer=head_layer),
                      hidden_units=hidden_units, form=form,
                      filter_units=filter_units, batchnorm="train")
+    roles = (ROLE_MODULATED, ROLE_HEAD) + (
+        (ROLE_BATCHNORM,) if adapt_batchnorm else ())
     inner = [item.variable for item in task_variables(model)
-             if item.role in (ROLE_MODULATED, ROLE_HEAD)]
+             if item.role in roles and item.variable.trainable]
     base_weights = [weight for _, layer in walk_layers(model)
                     if isinstance(layer, KM_LAYERS)
                     for weight in ([layer.base_kernel] + (
@@ -598,6 +644,11 @@ def finetune(base: keras.Model, ways: int, *,
     Returns:
         A `MetaLearner` without outer variables (`meta_train_step` refuses).
     """
+    if options.learn_inner_rates:
+        raise ValueError(
+            "The fine-tuning baseline meta-trains nothing, so it cannot "
+            "learn its inner rates: pass options with "
+            "learn_inner_rates=False.")
     model = replace_head(base, ways, head_layer=head_layer)
     inner = model.trainable_variables if all_layers else _head_variables(
         model)

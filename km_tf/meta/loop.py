@@ -99,7 +99,9 @@ def meta_stage(learner: MetaLearner, sampler: EpisodeSampler, *,
                  batch_part=batch_part, element_spec=sampler.element_spec,
                  batch_size=meta_batch_size,
                  variables={"model": learner.model.variables,
-                            "optimizer": learner.optimizer.variables})
+                            "optimizer": learner.optimizer.variables,
+                            "rates": ([] if learner.inner_rates is None
+                                      else [learner.inner_rates])})
 
 
 def classifier_stage(model: keras.Model,

@@ -98,7 +98,12 @@ def task_storage(learner: MetaLearner) -> TaskStorage:
     base_bytes = sum(_bytes(v) for v in model.variables
                      if id(v) not in modulators)
     inner = {id(v) for v in learner.inner_variables}
-    if {id(v) for v in model.trainable_variables} <= inner:
+    # A task is the whole network when it adapts every weight the network
+    # learns (meta-trained weights; KM base kernels count, though Keras
+    # calls them non-trainable).
+    learned = [v for v in learner.outer_variables
+               if v is not learner.inner_rates] or model.trainable_variables
+    if {id(v) for v in learned} <= inner:
         return TaskStorage("whole network", base_bytes, base_bytes)
     names = {ROLE_MODULATED: "modulators", ROLE_BATCHNORM: "batchnorm",
              ROLE_HEAD: "head"}
