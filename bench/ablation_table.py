@@ -4,8 +4,11 @@ The KM design study runs in parts (`--methods=...` per part, each its own
 `--output`); this merges their JSON files into `bench/results/ABLATION.md`,
 every row against the default KM of the first file that has it:
 
-    .venv/bin/python bench/ablation_table.py bench/results/transfer.json \\
-        bench/results/ablation_*.json --markdown=bench/results/ABLATION.md
+    .venv/bin/python bench/ablation_table.py \\
+        bench/results/transfer_3seeds.json bench/results/ablation_*.json \\
+        --markdown=bench/results/ABLATION.md
+
+(those files ran under the earlier protocol: see `bench/transfer.py`).
 
 The runs must share the suite (base, tasks, steps, rate grid, seeds);
 a file of another suite is refused.
@@ -19,6 +22,7 @@ from absl import app, flags
 
 from results_io import write_text
 from transfer_report import _kb
+from transfer_suite import suite_differences
 
 
 def define_flags() -> None:
@@ -29,11 +33,6 @@ def define_flags() -> None:
                                         / "results" / "ABLATION.md"),
                         "Where the merged table goes.")
 
-# Suite fields that must agree for rows to be comparable.
-_SAME = ("base", "tasks", "steps", "batch_size", "learning_rates", "seeds",
-         "augment")
-
-
 def merged_rows(results: list[dict]) -> tuple[list[str], dict[str, dict]]:
     """(task names, {method: {"label", "summary"}}), first file wins.
 
@@ -42,8 +41,7 @@ def merged_rows(results: list[dict]) -> tuple[list[str], dict[str, dict]]:
     """
     first = results[0]
     for other in results[1:]:
-        differs = [key for key in _SAME
-                   if other["suite"][key] != first["suite"][key]]
+        differs = suite_differences(first, other)
         if differs:
             raise ValueError(f"Runs of different suites ({', '.join(differs)}"
                              " differ): rerun them with the same flags.")

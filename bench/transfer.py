@@ -6,17 +6,25 @@ One protocol, one base, the same budget for every method (see
 
 Offline suite (runs here on 2 CPU cores: a MobileNetV2 base pretrained on
 FractalDB-style fractals and Greek + Cyrillic glyphs, 13 min once, then
-cached in bench/cache/; six target tasks; the baselines + KM take ~40-60 min
-on one core, the process keeps about one busy):
+cached in bench/cache/; six target tasks, 5 seeds, the rate chosen on 3;
+the process runs TensorFlow on one thread with op determinism
+(`--threads`), so split the methods over one process per core, e.g.
+`--methods=km,lora,bn_head,full` and `--methods=head,bitfit,lora_x4,lora_bn`,
+~45 min each, then merge them with `--report_only --merge=a.json,b.json`;
+a row rerun alone reproduces its runs in the full run to the last digit):
 
     .venv/bin/python bench/transfer.py                 # baselines + KM
     .venv/bin/python bench/transfer.py --methods=ablation \\
-        --output=bench/results/ablation --markdown=/tmp/ablation.md
+        --output=/tmp/ablation --markdown=/tmp/ablation.md
     .venv/bin/python bench/ablation_table.py bench/results/transfer.json \\
-        bench/results/ablation*.json       # -> bench/results/ABLATION.md
+        /tmp/ablation.json --markdown=/tmp/ABLATION.md
 
-(`--methods=km_h8,km_f4` etc. run a part of the study; the ablation parts
-of ABLATION.md ran as four such parts side by side.)
+(`--methods=km_h8,km_f4` etc. run a part of the study.) The study in
+bench/results/ABLATION.md ran under the earlier protocol (rate chosen at
+seed 0, grid to 0.03, 3 seeds, TensorFlow's default threads), as four such
+parts side by side; `ablation_table.py bench/results/transfer_3seeds.json
+bench/results/ablation_*.json` rebuilds it. Files of different protocols do
+not merge.
 
 Online suites (ImageNet weights and tfds datasets are downloaded: needs
 network; see bench/results/RESULTS.md for a time estimate):
@@ -59,7 +67,11 @@ flags.DEFINE_list("tasks", None, "Override the suite's task specs, e.g. "
                   "'digits:5-9'; shots/fractions come from the suite when the "
                   "spec is one of its tasks.")
 flags.DEFINE_integer("steps", None, "Override training steps per run.")
-flags.DEFINE_integer("seeds", None, "Override the number of seeds.")
+flags.DEFINE_integer("seeds", None, "Override the number of seeds (the "
+                     "sweep seeds become at most as many).")
+flags.DEFINE_integer("sweep_seeds", None, "Override how many seeds sweep "
+                     "the grid (the rate is chosen on their mean validation "
+                     "accuracy).")
 flags.DEFINE_list("learning_rates", None, "Override the sweep grid.")
 flags.DEFINE_integer("image_size", None, "Override the base input size.")
 flags.DEFINE_integer("pretrain_steps", None, "Override base pretraining.")
@@ -79,6 +91,13 @@ flags.DEFINE_list("merge", None,
                   "with different --methods (e.g. two processes on two "
                   "cores), merged into `<output>.json` first; a method in "
                   "several takes the last one's runs.")
+flags.DEFINE_integer("threads", 1,
+                     "TensorFlow intra-op and inter-op threads, with op "
+                     "determinism on: float reductions then add in one order "
+                     "however many cores the process gets, so a row rerun "
+                     "alone reproduces the full run. 0: TensorFlow's "
+                     "defaults (one thread per core), without determinism.",
+                     lower_bound=0)
 flags.DEFINE_string("cache_dir", str(Path(__file__).resolve().parent / "cache"),
                     "Where pretrained bases are cached (not in git).")
 
@@ -107,6 +126,9 @@ def configured_suite() -> transfer_suite.Suite:
         changes["steps"] = FLAGS.steps
     if FLAGS.seeds:
         changes["seeds"] = FLAGS.seeds
+        changes["sweep_seeds"] = min(suite.sweep_seeds, FLAGS.seeds)
+    if FLAGS.sweep_seeds:
+        changes["sweep_seeds"] = FLAGS.sweep_seeds
     if FLAGS.learning_rates:
         changes["learning_rates"] = tuple(float(r)
                                           for r in FLAGS.learning_rates)
@@ -119,7 +141,8 @@ def merged_results(parts: list[dict]) -> dict:
     """One result dict from runs of the same suite.
 
     A method in several parts takes its runs from the last of them (e.g. a
-    row rerun after a change to it replaces the row of the full run).
+    row rerun after a change to it replaces the row of the full run). Rows
+    come in the method table's order, whatever the parts' order.
 
     Raises:
         ValueError: The parts ran different suites or bases.
@@ -127,32 +150,50 @@ def merged_results(parts: list[dict]) -> dict:
     first = parts[0]
     merged = {**first, "methods": {}, "runs": [], "seconds_total": 0.0}
     for part in parts:
-        differing = [key for key in ("suite", "base", "tasks")
-                     if _without_methods(part[key]) != _without_methods(
-                         first[key])]
+        differing = transfer_suite.suite_differences(first, part)
         if differing:
-            raise ValueError(f"Cannot merge results of different "
-                             f"{', '.join(differing)}.")
+            raise ValueError(f"Cannot merge results of a different suite "
+                             f"({', '.join(differing)} differ).")
         replaced = set(part["methods"])
         merged["runs"] = [run for run in merged["runs"]
                           if run["method"] not in replaced] + part["runs"]
         merged["methods"].update(part["methods"])
         merged["seconds_total"] += part["seconds_total"]
+    order = list(transfer_suite.METHODS)
+    merged["methods"] = dict(sorted(
+        merged["methods"].items(),
+        key=lambda item: (order.index(item[0]) if item[0] in order
+                          else len(order))))
     merged["suite"] = {**first["suite"], "methods": list(merged["methods"])}
     merged["command"] = " && ".join(part.get("command", "?")
                                     for part in parts)
+    if all("cpu_seconds" in part.get("machine", {}) for part in parts):
+        merged["machine"] = {**first["machine"], "cpu_seconds": round(sum(
+            part["machine"]["cpu_seconds"] for part in parts), 1)}
     merged["summary"] = transfer_suite.summarize(merged)
     return merged
 
 
-def _without_methods(value):
-    return ({k: v for k, v in value.items() if k != "methods"}
-            if isinstance(value, dict) else value)
+def make_reproducible(threads: int) -> None:
+    """Fixes TensorFlow's thread counts and turns op determinism on.
+
+    Without this, a process pinned to one core (one thread per pool) and one
+    on two cores sum BatchNorm's and the gradients' reductions in different
+    orders, and 60 steps at the sweep's high rates turn those last-bit
+    differences into points of test accuracy on small tasks. Must run before
+    TensorFlow executes its first op.
+    """
+    if threads == 0:
+        return
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    tf.config.experimental.enable_op_determinism()
 
 
 def main(argv):
     del argv
     output = Path(flags.FLAGS.output)
+    make_reproducible(flags.FLAGS.threads)
     if flags.FLAGS.report_only:
         if flags.FLAGS.merge:
             results = merged_results([json.loads(Path(path).read_text())

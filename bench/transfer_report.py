@@ -144,6 +144,20 @@ def _target(other: str, delta: float, byte_ratio: float) -> str:
     return ""
 
 
+def _sweep_words(suite: dict) -> str:
+    """How the rate was chosen, from a results file's suite (files written
+    before `sweep_seeds` existed swept at seed 0 alone)."""
+    grid, seeds = list(suite["learning_rates"]), suite["seeds"]
+    sweep_seeds = suite.get("sweep_seeds", 1)
+    if sweep_seeds == 1:
+        return (f"validation accuracy of the sweep {grid} at seed 0; seeds "
+                f"1..{seeds - 1} rerun at that rate")
+    rest = (f"; seeds {sweep_seeds}..{seeds - 1} rerun at that rate"
+            if seeds > sweep_seeds else "")
+    return (f"mean validation accuracy of the sweep {grid} over seeds "
+            f"0..{sweep_seeds - 1}{rest}")
+
+
 def markdown(results: dict, plot_name: str) -> str:
     """RESULTS.md: setup, the table, the plot, computed comparisons."""
     summary, methods, tasks = (results["summary"], results["methods"],
@@ -203,9 +217,7 @@ def markdown(results: dict, plot_name: str) -> str:
         f"Protocol: every method starts from the same base and trains "
         f"{suite['steps']} Adam steps (batch {suite['batch_size']}, cosine "
         f"decay, augmentation {suite['augment']}). Learning rate per method "
-        f"and task: the best validation accuracy of the sweep "
-        f"{list(suite['learning_rates'])} at seed 0; seeds 1..{seeds - 1} "
-        "rerun at that rate. Seeds redraw the splits, the few-shot sample, "
+        f"and task: the best {_sweep_words(suite)}. Seeds redraw the splits, the few-shot sample, "
         "the per-task initialisation and the batch order. Accuracy: test "
         f"split, mean ± sd over {seeds} seed(s). Per-task bytes: float32 "
         "tensors a task stores besides the shared base (trained variables "
@@ -300,7 +312,7 @@ def how_to_run() -> list[str]:
             f"(assuming {1000 * low:.0f}-{1000 * high:.0f} ms per step plus "
             "~15% evaluation; an estimate, not measured). `--seeds=1` cuts "
             f"it to {len(suite.learning_rates)}/"
-            f"{len(suite.learning_rates) + suite.seeds - 1}.",
+            f"{transfer_suite.runs_per_task(suite)}.",
         ]
     return lines + [""]
 

@@ -1,6 +1,11 @@
 """Tests of the transfer benchmark: method table, byte counts, smoke run."""
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -127,13 +132,63 @@ def test_km_default_takes_batchnorm_and_rates_from_the_rule_per_task():
                                                 (["b"], (0.1, 1.0))]
 
 
+def test_transfer_program_fixes_threads_and_determinism():
+    """What `bench/transfer.py` does first, in a fresh process: one thread
+    per pool and op determinism, so a row rerun alone (on any number of
+    cores) reproduces the full run."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    code = ("import transfer, tensorflow as tf\n"
+            "from tensorflow.python.framework import config\n"
+            "transfer.make_reproducible(1)\n"
+            "tf.constant(1.0) + 1.0\n"
+            "print(tf.config.threading.get_intra_op_parallelism_threads(),"
+            " tf.config.threading.get_inter_op_parallelism_threads(),"
+            " config.is_op_determinism_enabled())\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=bench,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-3:] == ["1", "1", "True"]
+
+
+def _sweep_run(seed: int, rate: float, val: float, phase: str = "sweep",
+               test: float = 0.5) -> dict:
+    return {"method": "m", "task": "t", "seed": seed, "learning_rate": rate,
+            "phase": phase, "validation_accuracy": val,
+            "validation_loss": 1.0 - val, "test_accuracy": test}
+
+
+def test_the_rate_is_chosen_on_the_mean_over_the_sweep_seeds():
+    # 0.1 wins at seed 0 by luck; 0.01 wins on the mean over three seeds.
+    runs = [_sweep_run(0, 0.01, 0.80, test=0.7), _sweep_run(0, 0.1, 0.90),
+            _sweep_run(1, 0.01, 0.85, test=0.8), _sweep_run(1, 0.1, 0.60),
+            _sweep_run(2, 0.01, 0.80, test=0.9), _sweep_run(2, 0.1, 0.70),
+            _sweep_run(3, 0.01, 0.0, "seed", test=0.6)]
+    assert suite.chosen_rate(runs[:6]) == 0.01
+    chosen = suite.selected_runs({"runs": runs}, "m", "t")
+    assert [(r["seed"], r["test_accuracy"]) for r in chosen] == [
+        (0, 0.7), (1, 0.8), (2, 0.9), (3, 0.6)]
+    # Results written before sweep seeds existed: seed 0 alone swept.
+    assert [r["seed"] for r in suite.selected_runs(
+        {"runs": [runs[0], runs[1], {**runs[2], "phase": "seed"}]}, "m",
+        "t")] == [0, 1]
+    offline = suite.SUITES["offline"]
+    assert suite.runs_per_task(offline) == (
+        len(offline.learning_rates) * offline.sweep_seeds
+        + offline.seeds - offline.sweep_seeds)
+    with pytest.raises(ValueError, match="sweep_seeds"):
+        dataclasses.replace(offline, seeds=2)
+
+
 def test_smoke_suite_writes_json_png_and_results(tmp_path):
     import transfer  # bench/transfer.py; importing defines its absl flags.
 
     output = tmp_path / "transfer"
     markdown = tmp_path / "RESULTS.md"
+    # TensorFlow already runs in this process, so its thread counts are
+    # fixed: --threads=0 (test_transfer_program_fixes_threads covers them).
     flags.FLAGS(["transfer.py", "--suite=smoke", f"--output={output}",
-                 f"--markdown={markdown}", "--steps=2",
+                 f"--markdown={markdown}", "--steps=2", "--threads=0",
                  f"--cache_dir={tmp_path / 'cache'}"])
     try:
         transfer.main([])
@@ -156,6 +211,8 @@ def test_smoke_suite_writes_json_png_and_results(tmp_path):
               "runs": [r for r in results["runs"] if r["method"] in half]}
              for half in (names[:2], names[2:])]
     assert transfer.merged_results(parts)["summary"] == results["summary"]
+    # Rows come in the method table's order, whatever the parts' order.
+    assert list(transfer.merged_results(parts[::-1])["methods"]) == names
     # A rerun of one row replaces that row's runs and nothing else.
     rerun = names[0]
     changed = {**results, "methods": {rerun: results["methods"][rerun]},
@@ -169,6 +226,9 @@ def test_smoke_suite_writes_json_png_and_results(tmp_path):
     with pytest.raises(ValueError, match="different suite"):
         transfer.merged_results([results, {**results, "suite": {
             **results["suite"], "steps": 999}}])
+    with pytest.raises(ValueError, match="sweep_seeds"):
+        transfer.merged_results([results, {**results, "suite": {
+            **results["suite"], "sweep_seeds": 2}}])
 
 
 def test_offline_suite_runs_on_a_tiny_budget(tmp_path, monkeypatch):
@@ -178,7 +238,7 @@ def test_offline_suite_runs_on_a_tiny_budget(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KM_TF_CACHE_DIR", str(tmp_path / "generated"))
     output = tmp_path / "transfer"
-    flags.FLAGS(["transfer.py", f"--output={output}",
+    flags.FLAGS(["transfer.py", f"--output={output}", "--threads=0",
                  f"--markdown={tmp_path / 'RESULTS.md'}", "--steps=2",
                  "--model=tiny_convnet", "--image_size=16",
                  "--pretrain=fractals:4 glyphs:ogham", "--pretrain_steps=3",

@@ -102,8 +102,9 @@ def save_adapted_task(learner: MetaLearner, values: Sequence[tf.Tensor],
             f"{len(learner.parameters)} parameters: pass the list "
             "learner.adapt(...) returns.")
     options = modulation_options(learner.model)
+    adapted = {id(v) for v in learner.inner_variables}
     roles = {item.role for item in task_variables(learner.model)
-             if any(item.variable is v for v in learner.inner_variables)}
+             if id(item.variable) in adapted}
     task = modulate(base, batchnorm=("train" if ROLE_BATCHNORM in roles
                                      else "freeze"),
                     **{key: options[key] for key in

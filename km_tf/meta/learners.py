@@ -263,6 +263,12 @@ class MetaLearner:
 
     # -- Pure functions of weight values --------------------------------
 
+    @property
+    def network_outer_variables(self) -> list[keras.Variable]:
+        """The network's meta-trained weights: `outer_variables` without
+        the learned inner rates."""
+        return [v for v in self.outer_variables if v is not self.inner_rates]
+
     def inner_step_sizes(self) -> list[float]:
         """The inner step size of each of `inner_variables` (the learned
         ones with `options.learn_inner_rates`)."""

@@ -101,8 +101,7 @@ def task_storage(learner: MetaLearner) -> TaskStorage:
     # A task is the whole network when it adapts every weight the network
     # learns (meta-trained weights; KM base kernels count, though Keras
     # calls them non-trainable).
-    learned = [v for v in learner.outer_variables
-               if v is not learner.inner_rates] or model.trainable_variables
+    learned = learner.network_outer_variables or model.trainable_variables
     if {id(v) for v in learned} <= inner:
         return TaskStorage("whole network", base_bytes, base_bytes)
     names = {ROLE_MODULATED: "modulators", ROLE_BATCHNORM: "batchnorm",
