@@ -193,7 +193,6 @@ def make_reproducible(threads: int) -> None:
 def main(argv):
     del argv
     output = Path(flags.FLAGS.output)
-    make_reproducible(flags.FLAGS.threads)
     if flags.FLAGS.report_only:
         if flags.FLAGS.merge:
             results = merged_results([json.loads(Path(path).read_text())
@@ -202,6 +201,7 @@ def main(argv):
             results = json.loads(output.with_suffix(".json").read_text())
         transfer_report.write_all(results, output, flags.FLAGS.markdown)
         return
+    make_reproducible(flags.FLAGS.threads)  # Training only.
     suite = configured_suite()
     cache_dir = flags.FLAGS.cache_dir
     load_before = os.getloadavg()[0]

@@ -223,8 +223,9 @@ ONLINE_TASKS = tuple(
 # three; the rate chosen on the mean validation accuracy of three of them,
 # not of one (faces' 40 validation images tied LoRA at 100% on four rates,
 # and sent KM to a rate that scored 86% on test); and a grid reaching 0.1
-# (0.03, its old top, was chosen for most methods on most tasks). `bench/transfer.py` fixes the thread count and
-# turns op determinism on, so a row rerun alone reproduces the full run.
+# (0.03, its old top, was chosen for most methods on most tasks).
+# `bench/transfer.py` fixes the thread count and turns op determinism on,
+# so a row rerun alone reproduces the full run.
 OFFLINE_PROTOCOL = {"learning_rates": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                     "seeds": 5, "sweep_seeds": 3}
 STRONG_BASE = BaseSpec(pretrain=STRONG_PRETRAINING, pretrain_steps=10000,
