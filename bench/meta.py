@@ -38,6 +38,10 @@ fine-tuning's pretraining 0.23); 5 shots at 1,500 meta-steps about 70 min
 evaluation the longest (2.4 and 7 minutes). README and BUILD.md have the
 results (`bench/results/meta_*shot*.md`).
 
+TensorFlow runs on one thread per pool with op determinism (`--threads`,
+`bench/determinism.py`), so a part reproduces on any number of cores; the
+runtimes above were measured before, with TensorFlow's default threads.
+
 --methods and --shots run a part. The results so far are rewritten after
 each method, so a run that dies keeps what it finished; it does not resume
 a method mid-way (km-meta-train does, for long single runs).
@@ -62,6 +66,7 @@ from absl import app, flags  # noqa: E402
 
 from km_tf import meta, models  # noqa: E402
 from km_tf.meta import loop, pools as meta_pools  # noqa: E402
+from determinism import THREADS_HELP, make_reproducible  # noqa: E402
 from results_io import machine_summary, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -158,6 +163,7 @@ def define_flags() -> None:
                          "episodes.")
     flags.DEFINE_string("output", str(RESULTS / "meta"),
                         "Results path stem (.json and .md are written).")
+    flags.DEFINE_integer("threads", 1, THREADS_HELP, lower_bound=0)
 
 
 def config_from_flags() -> Config:
@@ -375,6 +381,7 @@ def write(results: dict[str, Any], stem: str | os.PathLike) -> None:
 
 def main(argv):
     del argv
+    make_reproducible(flags.FLAGS.threads)
     command = " ".join(["python", *sys.argv])
 
     def write_so_far(results: dict[str, Any]) -> None:

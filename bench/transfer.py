@@ -9,8 +9,9 @@ FractalDB-style fractals and Greek + Cyrillic glyphs, 13 min once, then
 cached in bench/cache/; six target tasks, 5 seeds, the rate chosen on 3;
 the process runs TensorFlow on one thread with op determinism
 (`--threads`), so split the methods over one process per core, e.g.
-`--methods=km,lora,bn_head,full` and `--methods=head,bitfit,lora_x4,lora_bn`,
-~45 min each, then merge them with `--report_only --merge=a.json,b.json`;
+`--methods=head,bitfit,km,full` and
+`--methods=bn_head,lora,lora_x4,lora_bn,lora_rule`, ~55 min each, then
+merge them with `--report_only --merge=a.json,b.json`;
 a row rerun alone reproduces its runs in the full run to the last digit):
 
     .venv/bin/python bench/transfer.py                 # baselines + KM
@@ -53,6 +54,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import transfer_report  # noqa: E402
+from determinism import THREADS_HELP, make_reproducible  # noqa: E402
 import transfer_suite  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,13 +93,7 @@ flags.DEFINE_list("merge", None,
                   "with different --methods (e.g. two processes on two "
                   "cores), merged into `<output>.json` first; a method in "
                   "several takes the last one's runs.")
-flags.DEFINE_integer("threads", 1,
-                     "TensorFlow intra-op and inter-op threads, with op "
-                     "determinism on: float reductions then add in one order "
-                     "however many cores the process gets, so a row rerun "
-                     "alone reproduces the full run. 0: TensorFlow's "
-                     "defaults (one thread per core), without determinism.",
-                     lower_bound=0)
+flags.DEFINE_integer("threads", 1, THREADS_HELP, lower_bound=0)
 flags.DEFINE_string("cache_dir", str(Path(__file__).resolve().parent / "cache"),
                     "Where pretrained bases are cached (not in git).")
 
@@ -172,22 +168,6 @@ def merged_results(parts: list[dict]) -> dict:
             part["machine"]["cpu_seconds"] for part in parts), 1)}
     merged["summary"] = transfer_suite.summarize(merged)
     return merged
-
-
-def make_reproducible(threads: int) -> None:
-    """Fixes TensorFlow's thread counts and turns op determinism on.
-
-    Without this, a process pinned to one core (one thread per pool) and one
-    on two cores sum BatchNorm's and the gradients' reductions in different
-    orders, and 60 steps at the sweep's high rates turn those last-bit
-    differences into points of test accuracy on small tasks. Must run before
-    TensorFlow executes its first op.
-    """
-    if threads == 0:
-        return
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    tf.config.experimental.enable_op_determinism()
 
 
 def main(argv):

@@ -67,8 +67,8 @@ from km_tf.files import save_model_atomically, write_atomically
 from km_tf.recipes import km_recipe, training_images_per_class
 from km_tf.tasks import task_variables
 from km_tf.training import OptimizerOptions, learning_rate_schedule
-from km_tf.walk import (ROLE_FROZEN, ROLE_HEAD, is_convolution, layer_role,
-                        walk_layers)
+from km_tf.walk import (ROLE_FROZEN, ROLE_HEAD, ROLE_MODULATED,
+                        is_convolution, layer_role, walk_layers)
 
 HEAD = models.HEAD_NAME
 _MASKED_LOGIT = -1e9
@@ -225,7 +225,8 @@ ONLINE_TASKS = tuple(
 # and sent KM to a rate that scored 86% on test); and a grid reaching 0.1
 # (0.03, its old top, was chosen for most methods on most tasks).
 # `bench/transfer.py` fixes the thread count and turns op determinism on,
-# so a row rerun alone reproduces the full run.
+# and every run loads its data anew (`_task_runs`), so a row rerun alone
+# reproduces the full run.
 OFFLINE_PROTOCOL = {"learning_rates": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                     "seeds": 5, "sweep_seeds": 3}
 STRONG_BASE = BaseSpec(pretrain=STRONG_PRETRAINING, pretrain_steps=10000,
@@ -399,13 +400,15 @@ class Method:
         lora_scale: LoRA methods: the rank is this multiple of the rank
             whose per-task bytes come closest to the default KM's (0: not a
             LoRA method).
-        rate_factors: `(others, head)`: the learning rates of the per-task
-            variables other than the head, and of the head, as multiples of
-            the swept rate.
-        recipe: KM methods: each task takes `batchnorm` and `rate_factors`
+        rate_factors: `(adapters, rest)`: the learning rates of the
+            adapters (KM modulators, LoRA factors: `adapter_variables`) and
+            of every other per-task variable (head, BatchNorm), as multiples
+            of the swept rate; the first is km-train's
+            `--modulator_rate_factor` when the second is 1.
+        recipe: Each task takes `rate_factors` (and, for KM, `batchnorm`)
             from `km_tf.recipes.km_recipe` for its training images per
             class (`for_task`); `prepare` and `rate_factors` as given are
-            then `modulate`'s defaults, which `for_task` replaces.
+            then the defaults, which `for_task` replaces.
     """
 
     name: str
@@ -417,29 +420,28 @@ class Method:
     rate_factors: tuple[float, float] = (1.0, 1.0)
     recipe: bool = False
 
-    def __post_init__(self) -> None:
-        if self.recipe and self.km_options is None:
-            raise ValueError(f"Method {self.name!r}: `recipe` needs "
-                             "`km_options` (a KM method).")
-
     def for_task(self, images_per_class: int) -> Method:
         """The method as it trains a task with this many training images
         in its smallest class (`km_tf.recipes.training_images_per_class`).
 
         A method without `recipe` is the same on every task and comes back
-        as it is. One with it comes back with `km_recipe`'s `batchnorm` in
-        its `km_options` and `prepare`, and `rate_factors`
-        `(modulator_rate_factor, 1.0)`. (The rule freezes BatchNorm
-        whenever the factor is not 1, so the "others" it scales are the
-        modulators alone, as with km-train's `--modulator_rate_factor`.)
+        as it is. One with it comes back with `rate_factors`
+        `(modulator_rate_factor, 1.0)` and, if it is a KM method, with
+        `km_recipe`'s `batchnorm` in its `km_options` and `prepare`: as
+        km-train trains it. (A LoRA method keeps its own BatchNorm mode:
+        the control that gives LoRA KM's two rates.)
         """
         if not self.recipe:
             return self
         recipe = km_recipe(images_per_class)
+        rate_factors = (recipe.modulator_rate_factor, 1.0)
+        if self.km_options is None:
+            return dataclasses.replace(self, rate_factors=rate_factors,
+                                       recipe=False)
         options = {**self.km_options, "batchnorm": recipe.batchnorm}
         return dataclasses.replace(
             self, prepare=_km(**options), km_options=options,
-            rate_factors=(recipe.modulator_rate_factor, 1.0), recipe=False)
+            rate_factors=rate_factors, recipe=False)
 
 
 def _head_only(model: keras.Model, rank: int) -> keras.Model:
@@ -484,6 +486,15 @@ def lora_layers(model: keras.Model) -> list[keras.layers.Conv2D]:
     """The layers Keras LoRA can adapt: plain `Conv2D` (not depthwise)."""
     return [layer for _, layer in walk_layers(model)
             if type(layer) is keras.layers.Conv2D]
+
+
+def adapter_variables(model: keras.Model) -> list[keras.Variable]:
+    """The adapters' weights: KM modulators and enabled LoRA factors."""
+    modulators = [item.variable for item in task_variables(model)
+                  if item.role == ROLE_MODULATED]
+    return modulators + [
+        factor for layer in lora_layers(model) if layer.lora_enabled
+        for factor in (layer.lora_kernel_a, layer.lora_kernel_b)]
 
 
 def _lora(batchnorm: str) -> Callable[[keras.Model, int], keras.Model]:
@@ -535,11 +546,11 @@ def _km_method(name: str, rate_factors: tuple[float, float] = (1.0, 1.0),
                recipe: bool = False, **options: Any) -> Method:
     label = ("KM default (" + _km_label(options, recipe) + ")" if name == "km"
              else "KM " + _km_label(options, recipe))
-    others, head = rate_factors
-    if head != 1.0:
-        label += f", head lr x{head:g}"
-    if others != 1.0:
-        label += f", modulator lr x{others:g}"
+    modulators, rest = rate_factors
+    if rest != 1.0:
+        label += f", head and BN lr x{rest:g}"
+    if modulators != 1.0:
+        label += f", modulator lr x{modulators:g}"
     return Method(name, label, "km", _km(**options), options,
                   rate_factors=rate_factors, recipe=recipe)
 
@@ -554,6 +565,10 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            lora_scale=4),
     Method("lora_bn", "LoRA + BN + head", "baseline", _lora("train"),
            lora_scale=1),
+    # LoRA + head with the KM default's two rates (the factors km_recipe
+    # gives each task): a control for what the rates alone are worth.
+    Method("lora_rule", "LoRA + head, factors at KM's rule's rates",
+           "baseline", _lora("freeze"), lora_scale=1, recipe=True),
     _km_method("km", recipe=True),
     _km_method("km_bntrain", batchnorm="train"),
     _km_method("km_bnfreeze", batchnorm="freeze"),
@@ -567,9 +582,14 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     _km_method("km_filter4", form="filter", filter_units=4),
     _km_method("km_head3", rate_factors=(1.0, 3.0)),
     _km_method("km_head10", rate_factors=(1.0, 10.0)),
+    _km_method("km_mlr3", rate_factors=(0.3, 1.0)),
     _km_method("km_mlr10", rate_factors=(0.1, 1.0)),
     _km_method("km_mlr30", rate_factors=(1 / 30, 1.0)),
     _km_method("km_bnfreeze_mlr10", rate_factors=(0.1, 1.0),
+               batchnorm="freeze"),
+    _km_method("km_bnfreeze_mlr30", rate_factors=(1 / 30, 1.0),
+               batchnorm="freeze"),
+    _km_method("km_bnfreeze_mlr100", rate_factors=(0.01, 1.0),
                batchnorm="freeze"),
     # Sizes again, with BatchNorm by the rule (as the default).
     _km_method("km_rule_h8", recipe=True, hidden_units=8),
@@ -579,7 +599,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
 # What `bench/transfer.py` runs by default: the baselines and the default
 # KM. `--methods=ablation` runs the KM design study.
 MAIN_METHODS = ("head", "bn_head", "bitfit", "lora", "lora_x4", "lora_bn",
-                "km", "full")
+                "lora_rule", "km", "full")
 ABLATION_METHODS = tuple(name for name, method in METHODS.items()
                          if method.group == "km")
 
@@ -694,10 +714,9 @@ class Trainer:
             self.groups = [trainable]
             self.factors = [rate_factors[0]]
         else:
-            head = {id(item.variable) for item in task_variables(model)
-                    if item.role == ROLE_HEAD}
-            self.groups = [[v for v in trainable if id(v) not in head],
-                           [v for v in trainable if id(v) in head]]
+            adapters = {id(variable) for variable in adapter_variables(model)}
+            self.groups = [[v for v in trainable if id(v) in adapters],
+                           [v for v in trainable if id(v) not in adapters]]
             self.factors = list(rate_factors)
         self.optimizers = [keras.optimizers.Adam(learning_rate=1e-3)
                            for _ in self.groups]
@@ -869,17 +888,23 @@ def _method_info(method: Method, rank: int, tasks: Sequence[TaskSpec],
 
 def _task_runs(trainer: Trainer, inits: list[list[np.ndarray]],
                task: TaskSpec, suite: Suite,
-               datasets: dict[tuple[str, int], km_data.ImageDatasets],
+               load: Callable[[TaskSpec, int], km_data.ImageDatasets],
                num_classes: int, method: str,
                progress: Callable[[str], None], prefix: str = ""
                ) -> list[RunResult]:
-    """One method on one task: the rate sweep at seed 0, then the other
-    seeds at the chosen rate."""
+    """One method on one task: the rate sweep at the sweep seeds, then
+    the other seeds at the chosen rate.
+
+    Every run loads its data anew (`load(task, seed)`): a shuffled
+    `tf.data` pipeline draws a new order for each pass over the same
+    object, so reusing one would make a run's batches depend on how many
+    runs (of any method) iterated it before.
+    """
     def run(seed: int, rate: float, phase: str) -> RunResult:
         run_start = time.perf_counter()
-        data = datasets[task.name, seed]
         trainer.reset(inits[seed])
         keras.utils.set_random_seed(seed)
+        data = load(task, seed)
         loss = trainer.train(data.train, num_classes, suite.steps, rate)
         val_acc, val_loss = trainer.evaluate(data.validation, num_classes)
         test_acc, _ = trainer.evaluate(data.test, num_classes)
@@ -914,14 +939,11 @@ def run_suite(suite: Suite, output_dir: str | os.PathLike,
             augment=suite.augment, flip=task.flip, seed=seed,
             cache=suite.cache)
 
-    datasets = {(task.name, seed): load(task, seed)
-                for task in suite.tasks for seed in range(suite.seeds)}
-    classes = {task.name: datasets[task.name, 0].num_classes
-               for task in suite.tasks}
-    counts = {task.name: datasets[task.name, 0].counts for task in suite.tasks}
-    images = {task.name: training_images_per_class(
-                  datasets[task.name, 0].class_counts["train"])
-              for task in suite.tasks}
+    first = {task.name: load(task, 0) for task in suite.tasks}
+    classes = {name: data.num_classes for name, data in first.items()}
+    counts = {name: data.counts for name, data in first.items()}
+    images = {name: training_images_per_class(data.class_counts["train"])
+              for name, data in first.items()}
     outputs = max(classes.values())
 
     # LoRA matches KM with `modulate`'s defaults (BatchNorm trained), the
@@ -951,7 +973,7 @@ def run_suite(suite: Suite, output_dir: str | os.PathLike,
                     trainer.model, k)
                 info["trainable_variables"][task.name] = len(
                     trainer.model.trainable_variables)
-                runs += _task_runs(trainer, inits, task, suite, datasets, k,
+                runs += _task_runs(trainer, inits, task, suite, load, k,
                                    name, progress,
                                    prefix=f"[{index}/{len(names)}] ")
             del trainer, inits

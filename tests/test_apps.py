@@ -211,7 +211,7 @@ def test_resume_with_other_flags_is_refused_and_restart_starts_afresh(
     # modulators, and the task file holds no BatchNorm.
     settings = report["settings"]
     assert (settings["batchnorm"], settings["modulator_rate_factor"]) == (
-        "freeze", 0.1)
+        "freeze", 0.03)
     assert settings["recipe"].startswith(
         "auto: 5 training images per class < 16: BatchNorm frozen")
     assert report["stages"][-1]["task"]["batchnorm_params"] == 0

@@ -50,9 +50,10 @@ def test_method_groups_expand_and_unknown_names_are_refused():
         suite.method_names(["lora_x9"])
 
 
-def test_head_rate_ratio_scales_only_the_heads_steps():
+def test_rate_factors_split_modulators_from_head_and_batchnorm():
     """Adam's first step moves every weight with a gradient by ~the rate:
-    with a head ratio of 10, the head moves 10x as far as the modulators."""
+    with factors (1, 10) the head and BatchNorm move 10x as far as the
+    modulators (the library's `modulator_rate_factor` grouping)."""
     model = suite.METHODS["km_head10"].prepare(_task_model(), 0)
     trainer = suite.Trainer(model, 5, rate_factors=(1.0, 10.0))
     before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
@@ -64,8 +65,11 @@ def test_head_rate_ratio_scales_only_the_heads_steps():
     moves = {v.path: float(np.abs(keras.ops.convert_to_numpy(v) - b).max())
              for v, b in zip(model.trainable_variables, before)}
     head = max(m for path, m in moves.items() if path.startswith("head/"))
+    batchnorm = max(m for path, m in moves.items()
+                    if path.endswith(("gamma", "beta")))
     modulators = max(m for path, m in moves.items() if "modulator" in path)
     assert head == pytest.approx(1e-2, rel=0.05)
+    assert batchnorm == pytest.approx(1e-2, rel=0.05)
     assert modulators == pytest.approx(1e-3, rel=0.05)
 
 
@@ -114,7 +118,7 @@ def test_km_default_takes_batchnorm_and_rates_from_the_rule_per_task():
     assert km.recipe and km.label == "KM default (hybrid h16/f1, BN by rule)"
     few, many = km.for_task(5), km.for_task(40)
     assert (few.km_options["batchnorm"], few.rate_factors) == ("freeze",
-                                                               (0.1, 1.0))
+                                                               (0.03, 1.0))
     assert (many.km_options["batchnorm"], many.rate_factors) == ("train",
                                                                  (1.0, 1.0))
     for variant, bn_trains in ((few, False), (many, True)):
@@ -129,16 +133,34 @@ def test_km_default_takes_batchnorm_and_rates_from_the_rule_per_task():
     groups = suite.task_variants(km, tasks, {"a": 40, "b": 5, "c": 16})
     assert [([t.spec for t in members], variant.rate_factors)
             for variant, members in groups] == [(["a", "c"], (1.0, 1.0)),
-                                                (["b"], (0.1, 1.0))]
+                                                (["b"], (0.03, 1.0))]
+
+
+def test_lora_control_takes_the_km_rules_rates_and_keeps_its_batchnorm():
+    """`lora_rule` gives LoRA + head the KM default's two rates: its
+    factors step at the rule's multiple, the head at the swept rate, and
+    BatchNorm stays frozen on every task."""
+    control = suite.METHODS["lora_rule"]
+    few, many = control.for_task(5), control.for_task(40)
+    assert (few.rate_factors, many.rate_factors) == ((0.03, 1.0), (1.0, 1.0))
+    model = few.prepare(_task_model(), 2)
+    adapters = {v.path for v in suite.adapter_variables(model)}
+    assert adapters and all("lora_kernel" in path for path in adapters)
+    assert not any(path.endswith(("gamma", "beta"))
+                   for path in (v.path for v in model.trainable_variables))
+    trainer = suite.Trainer(model, 5, few.rate_factors)
+    assert ({v.path for v in trainer.groups[0]}, trainer.factors) == (
+        adapters, [0.03, 1.0])
 
 
 def test_transfer_program_fixes_threads_and_determinism():
-    """What `bench/transfer.py` does first, in a fresh process: one thread
-    per pool and op determinism, so a row rerun alone (on any number of
-    cores) reproduces the full run."""
+    """What `bench/transfer.py` (and `bench/meta.py`) do first, in a fresh
+    process: one thread per pool and op determinism, so a row rerun alone
+    (on any number of cores) reproduces the full run."""
     bench = Path(__file__).resolve().parents[1] / "bench"
-    code = ("import transfer, tensorflow as tf\n"
+    code = ("import meta, transfer, tensorflow as tf\n"
             "from tensorflow.python.framework import config\n"
+            "assert transfer.make_reproducible is meta.make_reproducible\n"
             "transfer.make_reproducible(1)\n"
             "tf.constant(1.0) + 1.0\n"
             "print(tf.config.threading.get_intra_op_parallelism_threads(),"
@@ -259,8 +281,8 @@ def test_offline_suite_runs_on_a_tiny_budget(tmp_path, monkeypatch):
     chosen = {task: (r["images_per_class"], r["batchnorm"],
                      r["modulator_rate_factor"])
               for task, r in km["recipe"].items()}
-    assert chosen["armenian_0-19"] == (5, "freeze", 0.1)
-    assert chosen["hebrew_0-19"] == (10, "freeze", 0.1)
+    assert chosen["armenian_0-19"] == (5, "freeze", 0.03)
+    assert chosen["hebrew_0-19"] == (10, "freeze", 0.03)
     assert chosen["digits_5-9"] == (40, "train", 1.0)
     assert km["trainable_variables"]["armenian_0-19"] < (
         km["trainable_variables"]["digits_5-9"])
@@ -296,3 +318,23 @@ def test_ablation_table_merges_runs_against_the_default():
     with pytest.raises(ValueError, match="steps"):
         ablation_table.merged_rows([_result({"km": 0.5}),
                                     _result({"km": 0.5}, steps=2)])
+
+
+def test_a_methods_runs_do_not_depend_on_the_other_methods_run(tmp_path):
+    """One row rerun alone reproduces that row of the full run: every run
+    gets its own data pipeline, so no method's batches depend on how often
+    another method iterated the same shuffled dataset first."""
+    smoke = dataclasses.replace(suite.SUITES["smoke"], steps=3, seeds=2,
+                                sweep_seeds=1, learning_rates=(3e-3, 1e-2))
+
+    def runs(methods: tuple[str, ...]) -> list[dict]:
+        results = suite.run_suite(
+            dataclasses.replace(smoke, methods=methods),
+            tmp_path, progress=lambda message: None)
+        return [r for r in results["runs"] if r["method"] == "km"]
+
+    together, alone = runs(("head", "km")), runs(("km",))
+    keys = ("seed", "learning_rate", "final_train_loss",
+            "validation_accuracy", "validation_loss", "test_accuracy")
+    assert [[r[k] for k in keys] for r in together] == [
+        [r[k] for k in keys] for r in alone]

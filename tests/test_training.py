@@ -209,9 +209,9 @@ def test_resumed_run_starts_from_the_backed_up_weights(tmp_path):
 
 
 @pytest.mark.parametrize("images, batchnorm, factor", [
-    (1, "freeze", 0.1), (5, "freeze", 0.1), (15.5, "freeze", 0.1),
+    (1, "freeze", 0.03), (5, "freeze", 0.03), (15.5, "freeze", 0.03),
     (recipes.FEW_IMAGES_PER_CLASS, "train", 1.0), (40, "train", 1.0)])
-def test_km_recipe_freezes_batchnorm_and_slows_modulators_below_16(
+def test_km_recipe_freezes_batchnorm_below_16_and_slows_modulators(
         images, batchnorm, factor):
     recipe = recipes.km_recipe(images)
     assert (recipe.batchnorm, recipe.modulator_rate_factor) == (batchnorm,
@@ -235,7 +235,7 @@ def test_training_images_per_class_is_the_smallest_class():
 
 def test_resolve_recipe_follows_the_rule_unless_a_value_is_given():
     auto = recipes.resolve_recipe(images_per_class=5)
-    assert (auto.batchnorm, auto.modulator_rate_factor) == ("freeze", 0.1)
+    assert (auto.batchnorm, auto.modulator_rate_factor) == ("freeze", 0.03)
     assert auto.reason.startswith("auto: 5 training images per class < 16")
     rate_given = recipes.resolve_recipe("auto", 0.5, images_per_class=5)
     assert (rate_given.batchnorm, rate_given.modulator_rate_factor) == (

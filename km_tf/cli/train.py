@@ -19,7 +19,7 @@ writes `report.json` and `report.txt` (accuracy, per-task bytes, % of the
 base, time) into `--output_dir`. By default (`--batchnorm=auto`) a task's
 BatchNorm mode and modulator rate follow the measured rule of
 `km_tf.recipes` for its training images per class (BatchNorm frozen and the
-modulators at 0.1x the head's rate below 16, else BatchNorm trained and one
+modulators at 0.03x the head's rate below 16, else BatchNorm trained and one
 rate); the report says what was chosen and why.
 
 A killed run resumes where it stopped: start the same command again
