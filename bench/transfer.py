@@ -10,7 +10,7 @@ cached in bench/cache/; six target tasks, 5 seeds, the rate chosen on 3;
 the process runs TensorFlow on one thread with op determinism
 (`--threads`), so split the methods over one process per core, e.g.
 `--methods=head,bitfit,km,full` and
-`--methods=bn_head,lora,lora_x4,lora_bn,lora_rule`, ~55 min each, then
+`--methods=bn_head,lora,lora_x4,lora_bn,lora_rule`, ~47 min each, then
 merge them with `--report_only --merge=a.json,b.json`;
 a row rerun alone reproduces its runs in the full run to the last digit):
 
@@ -54,8 +54,8 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import transfer_report  # noqa: E402
-from determinism import THREADS_HELP, make_reproducible  # noqa: E402
 import transfer_suite  # noqa: E402
+from determinism import THREADS_HELP, make_reproducible  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
