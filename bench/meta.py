@@ -24,9 +24,12 @@ and its 95% confidence interval, `km_tf.meta.mean_confidence_interval`).
 Per-task bytes are what one more task stores next to the shared base
 (`km_tf.meta.task_storage`). Meta-test scores use the query set's batch
 statistics for the meta-learners (transductive, as MAML reports) and the
-moving statistics for fine-tuning; the meta-learners are scored a second
-time as an exported task computes ("deployed": BatchNorm with the moving
-statistics of meta-training).
+moving statistics for fine-tuning; the meta-learners are also scored
+as an exported task computes ("deployed": BatchNorm with the moving
+statistics of meta-training; "deployed, support statistics": a task that
+keeps statistics re-estimated on its support set after adapting,
+`MetaLearner.support_statistics`). Each episode is adapted once and scored
+all three ways.
 
 Writes `<output>.json` and `<output>.md` (default bench/results/meta.*).
 
@@ -243,20 +246,31 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
     test = pools.sampler("test", ways=config.ways, shots=shots,
                          queries=config.queries, seed=3 * config.seed + 2)
     started = time.perf_counter()
-    accuracies = learner.evaluate(test.episodes(config.eval_episodes))
+    # Meta-learners: transductive (the query set's statistics, as MAML
+    # reports), and as deployed: an exported task with the moving
+    # statistics of meta-training, or with its support set's.
+    statistics = (("query", "moving", "support")
+                  if learner.options.batch_statistics else ("moving",))
+    scores = learner.evaluate_with(test.episodes(config.eval_episodes),
+                                   statistics=statistics)
     eval_seconds = time.perf_counter() - started
+    accuracies = scores[statistics[0]]
     mean, half_width = meta.mean_confidence_interval(accuracies)
     log.message(f"{method} {shots}-shot: {100 * mean:.2f}% +- "
                 f"{100 * half_width:.2f}%")
     deployed = {}
-    if learner.options.batch_statistics:
-        # What an exported task computes: BatchNorm with the moving
-        # statistics of meta-training.
-        deployed_mean, deployed_half_width = meta.mean_confidence_interval(
-            learner.evaluate(test.episodes(config.eval_episodes),
-                             transductive=False))
-        deployed = {"deployed_accuracy": deployed_mean,
-                    "deployed_ci95": deployed_half_width}
+    for name, key in (("moving", "deployed"), ("support", "support")):
+        if name in statistics[1:]:
+            deployed_mean, deployed_half_width = (
+                meta.mean_confidence_interval(scores[name]))
+            deployed.update({f"{key}_accuracy": deployed_mean,
+                             f"{key}_ci95": deployed_half_width})
+            log.message(f"{method} {shots}-shot, {name} statistics: "
+                        f"{100 * deployed_mean:.2f}% +- "
+                        f"{100 * deployed_half_width:.2f}%")
+    if "support" in statistics:
+        deployed["support_task_storage"] = meta.task_storage(
+            learner, own_statistics=True).to_dict()
     # Steady-state seconds per step: the first interval holds the trace.
     rates = [r["seconds_per_step"] for r in history[1:]] or [
         r["seconds_per_step"] for r in history]
@@ -330,21 +344,26 @@ def markdown(results: dict[str, Any]) -> str:
         f"{config['finetune_learning_rate']}.",
         "",
         f"| {config['ways']}-way | method | accuracy (95% CI) | deployed "
-        "| task adapts | bytes per task | % of base | train s | s / step "
-        "| eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| deployed, support statistics | task adapts | bytes per task "
+        "| % of base | train s | s / step | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         storage = run["task_storage"]
         rate = run["seconds_per_step"]
-        deployed = ("as accuracy" if not run["transductive"] else
-                    f"{100 * run['deployed_accuracy']:.2f}% +- "
-                    f"{100 * run['deployed_ci95']:.2f}%"
-                    if "deployed_accuracy" in run else "-")
+        deployed, support = (
+            "as accuracy" if not run["transductive"] else
+            f"{100 * run[key + '_accuracy']:.2f}% +- "
+            f"{100 * run[key + '_ci95']:.2f}%"
+            if key + "_accuracy" in run else "-"
+            for key in ("deployed", "support"))
+        if "support_task_storage" in run:
+            support += (f" ({run['support_task_storage']['task_bytes']:,}"
+                        " bytes)")
         lines.append(
             f"| {run['shots']}-shot | {run['method']} | "
             f"{100 * run['accuracy']:.2f}% +- {100 * run['ci95']:.2f}% | "
-            f"{deployed} | "
+            f"{deployed} | {support} | "
             f"{storage['contents']} | {storage['task_bytes']:,} | "
             f"{storage['percent_of_base']:.2f}% | {run['train_seconds']:.0f}"
             f" | {'-' if rate is None else f'{rate:.3f}'} | "
@@ -358,7 +377,9 @@ def markdown(results: dict[str, Any]) -> str:
         "reports); fine-tuning with the pretrained moving statistics. "
         "Deployed: the meta-learners scored as an exported task computes, "
         "BatchNorm with the moving statistics of meta-training (- where "
-        "not measured). "
+        "not measured); deployed, support statistics: a task that keeps "
+        "BatchNorm statistics re-estimated on its support set after "
+        "adapting (its bytes with them). "
         "Bytes per task: float32 values a task stores next to the shared "
         "base (the base: every weight but the modulators).",
     ]

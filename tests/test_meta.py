@@ -250,6 +250,63 @@ def test_run_model_enters_nested_sequential_models():
                                rtol=1e-5, atol=1e-5)
 
 
+def batchnorm_input_moments(model, images):
+    """`{id(moving statistic): value}`: the mean and variance of every
+    BatchNorm layer's input in a training-mode pass of the Keras model
+    itself, computed in NumPy."""
+    moments = {}
+    for _, layer in walk_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            trunk = keras.Model(model.inputs, layer.input)
+            x = numpy(trunk(images, training=True)).astype(np.float64)
+            moments[id(layer.moving_mean)] = x.mean(axis=(0, 1, 2))
+            moments[id(layer.moving_variance)] = x.var(axis=(0, 1, 2))
+    return moments
+
+
+def test_run_model_with_momentum_zero_returns_the_batch_moments():
+    learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4)
+    randomize_modulators(learner.model)
+    x = sampler().episode(0).query_images
+    _, updates = meta.run_model(learner.model, {}, x, training=True,
+                                momentum=0.0)
+    expected = batchnorm_input_moments(learner.model, x)
+    assert set(updates) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(numpy(updates[key]), value, rtol=1e-4,
+                                   atol=1e-5)
+    # Keras' renormalizing BatchNorm keeps its own momentum: refused.
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    outputs = keras.layers.BatchNormalization(renorm=True)(
+        keras.layers.Conv2D(2, 3)(inputs))
+    with pytest.raises(ValueError, match="renorm.*leave `momentum`"):
+        meta.run_model(keras.Model(inputs, outputs), {}, x, training=True,
+                       momentum=0.0)
+
+
+def test_support_statistics_are_the_support_sets_moments_when_adapted():
+    learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
+                           options=options())
+    randomize_modulators(learner.model)
+    episode = sampler("test").episode(0)
+    adapted = learner.adapt(learner.parameter_values(),
+                            episode.support_images, episode.support_labels,
+                            steps=2)
+    before = [numpy(v).copy() for v in learner.model.variables]
+    statistics = learner.support_statistics(adapted, episode.support_images)
+    for variable, old in zip(learner.model.variables, before):
+        np.testing.assert_array_equal(numpy(variable), old)
+    # The moments of the adapted network (its weights assigned to the Keras
+    # model) on the support set, for every BatchNorm layer.
+    for variable, value in zip(learner.parameters, adapted):
+        variable.assign(value)
+    expected = batchnorm_input_moments(learner.model, episode.support_images)
+    assert set(statistics) == set(expected) and len(expected) == 4
+    for key, value in expected.items():
+        np.testing.assert_allclose(numpy(statistics[key]), value,
+                                   rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("adapt_batchnorm", [False, True])
 def test_an_inner_step_changes_only_modulators_and_head(adapt_batchnorm):
     """... and BatchNorm's gamma and beta with adapt_batchnorm."""
@@ -529,6 +586,56 @@ def test_an_adapted_task_saves_and_restores_as_a_task_file(tmp_path,
     with pytest.raises(ValueError, match="meta-trained weights"):
         meta.save_adapted_task(learner, adapted,
                                models.replace_head(base, WAYS), path)
+
+
+def test_a_task_with_support_statistics_restores_to_their_scores(tmp_path):
+    learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
+                           options=options(eval_inner_steps=2))
+    learner.meta_train_step(episode_batch())
+    meta_base = meta.meta_trained_base(learner)
+    episode = sampler("test").episode(0)
+    adapted = learner.adapt(learner.parameter_values(),
+                            episode.support_images, episode.support_labels)
+    statistics = learner.support_statistics(adapted, episode.support_images)
+    path = tmp_path / "task.kmtask"
+    header = meta.save_adapted_task(learner, adapted, meta_base, path,
+                                    statistics=statistics)
+    assert {t["role"] for t in header.tensors} == {"modulated", "batchnorm",
+                                                   "head"}
+    meta_base.save(tmp_path / "base.keras")
+    restored = km_tf.restore_task(
+        keras.saving.load_model(tmp_path / "base.keras"), path)
+    x = episode.query_images
+    logits = numpy(restored(x, training=False))
+    np.testing.assert_allclose(
+        logits, numpy(learner.forward(adapted, x, training=False,
+                                      statistics=statistics)),
+        rtol=1e-5, atol=1e-5)
+    # Not what the base's statistics give: the task carries its own.
+    assert not np.allclose(logits, numpy(learner.forward(
+        adapted, x, training=False)), atol=1e-3)
+    # And `evaluate` scores what the restored task predicts.
+    score = learner.evaluate([episode], statistics="support")
+    assert score[0] == pytest.approx(np.mean(
+        np.argmax(logits, -1) == episode.query_labels))
+
+
+def test_evaluate_scores_under_each_statistics_and_refuses_others():
+    learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
+                           options=options())
+    episodes = list(sampler("test").episodes(3))
+    scores = learner.evaluate_with(episodes, steps=1)
+    assert set(scores) == set(meta.STATISTICS)
+    for name in meta.STATISTICS:
+        np.testing.assert_array_equal(
+            scores[name], learner.evaluate(episodes, steps=1,
+                                           statistics=name))
+    # The default is the options' mode: transductive for MAML-style ones.
+    np.testing.assert_array_equal(learner.evaluate(episodes, steps=1),
+                                  scores["query"])
+    with pytest.raises(ValueError, match="Unknown BatchNorm statistics.*"
+                                         "query, moving, support"):
+        learner.evaluate(episodes, statistics="batch")
 
 
 def test_evaluate_gives_an_accuracy_per_episode():

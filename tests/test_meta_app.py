@@ -184,12 +184,27 @@ def test_the_benchmark_runs_on_a_tiny_budget(runs, tmp_path):
                 "maml": "whole network", "finetune": "head"}
     for run in runs.values():
         assert 0 <= run["accuracy"] <= 1 and run["episodes"] == 3
-    # The meta-learners are scored transductively and as deployed.
-    assert [method for method, run in runs.items()
-            if "deployed_accuracy" in run] == ["km_maml", "anil", "maml"]
+    # The meta-learners are scored transductively and as deployed, with
+    # the moving statistics and with their support set's.
+    for key in ("deployed_accuracy", "support_accuracy"):
+        assert [method for method, run in runs.items() if key in run] == [
+            "km_maml", "anil", "maml"]
     assert not runs["finetune"]["transductive"]
+    # A task with its own statistics stores them: a mean and a variance
+    # per channel of the alpha 0.125 Conv-4's four BatchNorm layers (8
+    # channels each), in float32.
+    for method in ("km_maml", "anil"):
+        storage = runs[method]["support_task_storage"]
+        assert storage["contents"] == (
+            runs[method]["task_storage"]["contents"]
+            + " + batchnorm statistics")
+        assert storage["task_bytes"] - runs[method]["task_storage"][
+            "task_bytes"] == 4 * 8 * 2 * 4
+    assert runs["maml"]["support_task_storage"] == runs["maml"][
+        "task_storage"]
     text = (tmp_path / "meta.md").read_text()
     assert "| 1-shot | km_maml |" in text and "95% CI" in text
+    assert "support statistics" in text
 
 
 def test_run_logs_a_line_per_interval_and_reports(runs):
@@ -216,15 +231,23 @@ def test_run_logs_a_line_per_interval_and_reports(runs):
     test = result["test"]
     assert test["episodes"] == 6 and 0 <= test["accuracy"] <= 1
     assert test["ci95"] >= 0
+    # Also scored as deployed tasks compute.
+    assert set(test["deployed"]) == {"moving", "support"}
+    assert all(0 <= score["accuracy"] <= 1
+               for score in test["deployed"].values())
+    # The default tasks keep their support set's BatchNorm statistics.
     storage = result["task_storage"]
-    assert storage["contents"] == "modulators + head"
+    assert storage["contents"] == "modulators + head + batchnorm statistics"
     assert 0 < storage["task_bytes"] < storage["base_bytes"]
     # The inner rates tasks adapt with: fixed, modulators at 0.1x the head.
     rates = result["inner_rates"]
     assert {rate["modulator"] for rate in rates} == {True, False}
     assert all(rate["rate"] == (0.01 if rate["modulator"] else 0.1)
                for rate in rates), rates
-    assert "95% CI" in (out / "meta.report.txt").read_text()
+    text = (out / "meta.report.txt").read_text()
+    assert "95% CI" in text
+    assert "as deployed, with statistics re-estimated on the support set" in (
+        text)
 
 
 def test_the_adapted_example_task_restores_with_restore_task(runs):
@@ -236,6 +259,7 @@ def test_the_adapted_example_task_restores_with_restore_task(runs):
     out = runs["root"] / "plain"
     finish(runs["processes"]["plain"])
     example = report(out)["outputs"]["example_task"]
+    assert example["statistics"] == "support"
     base = keras.saving.load_model(out / "meta_base.keras")
     task = km_tf.restore_task(base, out / "example_task.kmtask")
     pools = meta_pools.load_pools(DATA, SIZE)

@@ -30,7 +30,10 @@ Example:
 >>> episode = test.episode(0)
 >>> adapted = learner.adapt(learner.parameter_values(),
 ...                         episode.support_images, episode.support_labels)
->>> meta.save_adapted_task(learner, adapted, meta_base, "task.kmtask")
+>>> meta.save_adapted_task(
+...     learner, adapted, meta_base, "task.kmtask",
+...     statistics=learner.support_statistics(adapted,
+...                                           episode.support_images))
 """
 
 from km_tf.meta.episodes import (ClassSplits, Episode, EpisodeSampler,
@@ -38,8 +41,9 @@ from km_tf.meta.episodes import (ClassSplits, Episode, EpisodeSampler,
 from km_tf.meta.export import meta_trained_base, save_adapted_task
 from km_tf.meta.forward import modulate_kernel_differentiably, run_model
 from km_tf.meta.learners import (FINETUNE_OPTIONS, METHODS,
-                                 MODULATOR_RATE_FACTOR, MetaGradients,
-                                 MetaLearner, MetaOptions, accuracy, anil,
+                                 MODULATOR_RATE_FACTOR, STATISTICS,
+                                 MetaGradients, MetaLearner, MetaOptions,
+                                 accuracy, anil,
                                  cross_entropy, finetune, km_maml,
                                  make_learner, maml)
 from km_tf.meta.metrics import (TaskStorage, mean_confidence_interval,
@@ -48,7 +52,7 @@ from km_tf.meta.metrics import (TaskStorage, mean_confidence_interval,
 __all__ = [
     "ClassSplits", "Episode", "EpisodeSampler", "FINETUNE_OPTIONS",
     "METHODS", "MODULATOR_RATE_FACTOR", "MetaGradients", "MetaLearner",
-    "MetaOptions", "TaskStorage",
+    "MetaOptions", "STATISTICS", "TaskStorage",
     "accuracy", "anil", "cross_entropy", "finetune", "km_maml",
     "make_learner", "maml", "mean_confidence_interval", "meta_trained_base",
     "modulate_kernel_differentiably", "run_model", "save_adapted_task",

@@ -9,16 +9,17 @@ A meta-trained KM network is a plain base plus modulators, so once the base
 is saved (`base.save("base.keras")`), every new few-shot task is a small
 task file holding its adapted modulators and head (and BatchNorm's gamma
 and beta when the learner adapts them: `batchnorm="train"`, the moving
-statistics copied from meta-training). The task runs BatchNorm with those
-moving statistics (inference mode), so its
-predictions equal the learner's in inference mode
+statistics copied from meta-training). The task runs BatchNorm in
+inference mode, so its predictions equal the learner's in inference mode
 (`learner.forward(values, x, training=False)`), not the transductive
-batch-statistics ones MAML reports.
+batch-statistics ones MAML reports. Given `statistics` (the support set's,
+`learner.support_statistics`), the task carries its own BatchNorm
+statistics and scores as `learner.evaluate(..., statistics="support")`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
 import numpy as np
@@ -66,14 +67,16 @@ def meta_trained_base(learner: MetaLearner) -> keras.Model:
 
 
 def save_adapted_task(learner: MetaLearner, values: Sequence[tf.Tensor],
-                      base: keras.Model, path: PathLike) -> TaskHeader:
+                      base: keras.Model, path: PathLike, *,
+                      statistics: Mapping[int, tf.Tensor] | None = None
+                      ) -> TaskHeader:
     """Writes a KM-MAML task, adapted by `learner.adapt`, as a task file.
 
     A fresh `km_tf.modulate(base, batchnorm="freeze")` (with the learner's
-    modulator options; `"train"` if the learner adapts BatchNorm) gets the
-    adapted modulators and head (and BatchNorm), and
-    `km_tf.save_task` writes it; `km_tf.restore_task(base, path)` rebuilds
-    it.
+    modulator options; `"train"` if the learner adapts BatchNorm or
+    `statistics` are given) gets the adapted modulators and head (and
+    BatchNorm), and `km_tf.save_task` writes it; `km_tf.restore_task(base,
+    path)` rebuilds it.
 
     Args:
         learner: A `km_maml` learner.
@@ -81,6 +84,12 @@ def save_adapted_task(learner: MetaLearner, values: Sequence[tf.Tensor],
         base: The learner's meta-trained base (`meta_trained_base(learner)`,
             or that model saved and loaded again).
         path: The task file to write.
+        statistics: The task's own BatchNorm moving statistics, e.g.
+            `learner.support_statistics(values, support_images)`; the task
+            file then holds BatchNorm (its statistics and the meta-trained
+            gamma and beta, about 1 KB on the benchmark's Conv-4) and
+            computes `learner.evaluate(..., statistics="support")`.
+            `None`: the task keeps the base's statistics (`"moving"`).
 
     Returns:
         The header written.
@@ -105,12 +114,13 @@ def save_adapted_task(learner: MetaLearner, values: Sequence[tf.Tensor],
     adapted = {id(v) for v in learner.inner_variables}
     roles = {item.role for item in task_variables(learner.model)
              if id(item.variable) in adapted}
-    task = modulate(base, batchnorm=("train" if ROLE_BATCHNORM in roles
-                                     else "freeze"),
+    own_batchnorm = ROLE_BATCHNORM in roles or bool(statistics)
+    task = modulate(base, batchnorm="train" if own_batchnorm else "freeze",
                     **{key: options[key] for key in
                        ("hidden_units", "form", "filter_units")})
     _check_base(learner.model, task)
     given = {id(v): value for v, value in zip(learner.parameters, values)}
+    given.update(statistics or {})
     sources = {(item.slot, item.name): item.variable
                for item in task_variables(learner.model)}
     for item in task_variables(task):

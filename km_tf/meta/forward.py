@@ -31,6 +31,7 @@ statistics, random seed states) are returned, never assigned.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -77,7 +78,7 @@ def modulate_kernel_differentiably(kernel, hidden_kernel, hidden_bias,
 
 
 def run_model(model: keras.Model, values: Mapping[int, tf.Tensor],
-              inputs, *, training: bool
+              inputs, *, training: bool, momentum: float | None = None
               ) -> tuple[Any, dict[int, tf.Tensor]]:
     """Runs `model` on given variable values, without touching its state.
 
@@ -94,11 +95,20 @@ def run_model(model: keras.Model, values: Mapping[int, tf.Tensor],
             models); cast to the input's dtype.
         training: Keras' `training` flag for every layer: `True` makes
             BatchNorm use (and update) batch statistics and dropout drop.
+        momentum: In training mode, the momentum of every BatchNorm
+            layer's moving statistics in place of the layer's own; `0.0`
+            makes the returned statistics the batch's own moments (e.g. a
+            support set's). `None`: each layer's `momentum`.
 
     Returns:
         `(outputs, updates)`: the model's outputs, and `{id(variable):
         value}` for every variable the call assigned (BatchNorm moving
         statistics and seed states in training mode); no variable changes.
+
+    Raises:
+        ValueError: `momentum` is given, and a BatchNorm layer in training
+            mode uses renorm or synchronized moments (Keras runs those with
+            their own momentum).
     """
     by_id = {id(v): v for v in model.variables}
     mapping = [(by_id[key], value) for key, value in values.items()
@@ -111,7 +121,7 @@ def run_model(model: keras.Model, values: Mapping[int, tf.Tensor],
     if model.inputs:
         inputs = tf.cast(inputs, model.inputs[0].dtype)
     with _RecordingScope(state_mapping=mapping) as scope:
-        outputs = _call(model, inputs, training, value_of)
+        outputs = _call(model, inputs, _Pass(training, momentum), value_of)
     return outputs, {key: scope.get_current_value(variable)
                      for key, variable in scope.assigned.items()}
 
@@ -129,31 +139,53 @@ class _RecordingScope(keras.StatelessScope):
         self.assigned[id(variable)] = variable
 
 
-def _call(model: keras.Model, inputs, training: bool, value_of: ValueOf):
-    """`model(inputs, training=training)` with differentiable KM layers."""
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """How every layer of one `run_model` call runs."""
+
+    training: bool
+    momentum: float | None = None
+
+
+def _call(model: keras.Model, inputs, how: _Pass, value_of: ValueOf):
+    """`model(inputs, training=how.training)` with differentiable KM
+    layers."""
     if isinstance(model, keras.Sequential):
         outputs = inputs
         for layer in model.layers:
-            outputs = _operation(layer, training, value_of)(outputs)
+            outputs = _operation(layer, how, value_of)(outputs)
         return outputs
     return model._run_through_graph(
-        inputs, operation_fn=lambda op: _operation(op, training, value_of))
+        inputs, operation_fn=lambda op: _operation(op, how, value_of))
 
 
-def _operation(op, training: bool, value_of: ValueOf) -> Callable:
+def _operation(op, how: _Pass, value_of: ValueOf) -> Callable:
     """The callable that stands for one graph node."""
     if isinstance(op, KM_LAYERS):
         return lambda inputs, **kwargs: _modulated_convolution(
             op, inputs, value_of)
     if is_container(op):
-        return lambda inputs, **kwargs: _call(op, inputs, training, value_of)
-    keras_op = operation_fn(op, training=training)
-    if training and _normalizes_with_batch_moments(op):
+        return lambda inputs, **kwargs: _call(op, inputs, how, value_of)
+    keras_op = operation_fn(op, training=how.training)
+    if how.training and _normalizes_with_batch_moments(op):
+        momentum = op.momentum if how.momentum is None else how.momentum
+
         def batch_normalization(inputs, **kwargs):
-            if kwargs.get("mask") is not None:
-                return keras_op(inputs, **kwargs)
-            return _batch_normalization(op, inputs, value_of)
+            if kwargs.get("mask") is None:
+                return _batch_normalization(op, inputs, value_of, momentum)
+            if how.momentum is not None:
+                raise ValueError(
+                    f"BatchNorm layer {op.name!r} gets a mask, which only "
+                    "Keras' own layer honours: run_model cannot give it "
+                    "another momentum (leave `momentum` as None).")
+            return keras_op(inputs, **kwargs)
         return batch_normalization
+    if (how.training and how.momentum is not None
+            and isinstance(op, BATCHNORM_TYPES) and op.trainable):
+        raise ValueError(
+            f"BatchNorm layer {op.name!r} uses renorm or synchronized "
+            "moments, which Keras runs with the layer's own momentum: "
+            "run_model cannot give it another (leave `momentum` as None).")
     return keras_op
 
 
@@ -165,14 +197,15 @@ def _normalizes_with_batch_moments(op) -> bool:
             and not op.renorm and not op.synchronized)
 
 
-def _batch_normalization(layer, inputs, value_of: ValueOf):
+def _batch_normalization(layer, inputs, value_of: ValueOf, momentum: float):
     """What a BatchNorm layer computes in training mode, with moments
     differentiable to any order.
 
     The variance is `mean((x - mean(x))**2)` with the gradient flowing
     through both means (`tf.nn.moments` stops it at the inner one). The
     moving statistics are assigned as Keras' layer assigns them (to the
-    enclosing `StatelessScope`).
+    enclosing `StatelessScope`), with `momentum` (the layer's own, unless
+    `run_model` was given another).
     """
     dtype = tf.float64 if inputs.dtype == tf.float64 else tf.float32
     inputs = tf.cast(inputs, dtype)
@@ -186,8 +219,8 @@ def _batch_normalization(layer, inputs, value_of: ValueOf):
     for moving, batch in ((layer.moving_mean, mean),
                           (layer.moving_variance, variance)):
         current = tf.cast(value_of(moving), dtype)
-        moving.assign(current * layer.momentum + tf.reshape(
-            batch, current.shape) * (1.0 - layer.momentum))
+        moving.assign(current * momentum + tf.reshape(
+            batch, current.shape) * (1.0 - momentum))
     outputs = tf.nn.batch_normalization(
         inputs, mean, variance,
         offset=parameter(layer.beta) if layer.center else None,

@@ -44,6 +44,16 @@ so that an exported task can run in inference mode. `MetaOptions.
 batch_statistics=False` runs every pass in inference mode instead (the
 fine-tuning baseline's default).
 
+A query set can be scored with three kinds of BatchNorm statistics
+(`STATISTICS`, `MetaLearner.evaluate`): its own batch statistics
+("query": transductive, as MAML papers report; a device classifying one
+image at a time has no such batch), the moving statistics of meta-training
+("moving"), or statistics re-estimated on the task's support set after
+adapting ("support", `MetaLearner.support_statistics`). Adapting used the
+support set's batch statistics, so "support" is what the adapted weights
+were fitted to; an exported task keeps them in its file
+(`save_adapted_task(..., statistics=...)`).
+
 All state lives in Keras variables (the model's) and the outer optimizer,
 so a `tf.train.Checkpoint(model=learner.model, optimizer=learner.optimizer)`
 holds a run. `MetaLearner.meta_train_step(episodes)` is a plain function of
@@ -76,10 +86,12 @@ from km_tf.meta.episodes import Episode
 from km_tf.meta.forward import run_model
 from km_tf.models.heads import replace_head
 from km_tf.tasks import task_variables
-from km_tf.walk import (ROLE_BATCHNORM, ROLE_HEAD, ROLE_MODULATED,
-                         layer_role, walk_layers)
+from km_tf.walk import (BATCHNORM_TYPES, ROLE_BATCHNORM, ROLE_HEAD,
+                         ROLE_MODULATED, layer_role, walk_layers)
 
 METHODS = ("km_maml", "anil", "maml", "finetune")
+# The BatchNorm statistics a query set can be scored with (`evaluate`).
+STATISTICS = ("query", "moving", "support")
 # The modulators' inner step size as a multiple of the head's (km_maml).
 MODULATOR_RATE_FACTOR = 0.1
 
@@ -260,6 +272,10 @@ class MetaLearner:
         # would only slow the tracing down.
         self._score = tf.function(self._score_episode, reduce_retracing=True,
                                   autograph=False)
+        self._moving_statistics = {
+            id(weight) for _, layer in walk_layers(model)
+            if isinstance(layer, BATCHNORM_TYPES)
+            for weight in (layer.moving_mean, layer.moving_variance)}
 
     # -- Pure functions of weight values --------------------------------
 
@@ -282,7 +298,8 @@ class MetaLearner:
         return [tf.convert_to_tensor(v) for v in self.parameters]
 
     def forward(self, values: Sequence[tf.Tensor], images, *,
-                training: bool | None = None) -> tf.Tensor:
+                training: bool | None = None,
+                statistics: State | None = None) -> tf.Tensor:
         """The model's logits with `parameters` set to `values`.
 
         Args:
@@ -290,10 +307,14 @@ class MetaLearner:
             images: RGB pixels in [0, 255], `(batch, h, w, 3)`.
             training: Keras' `training` flag; `None`: the options'
                 `batch_statistics`. Layer updates are discarded.
+            statistics: BatchNorm moving statistics to use in place of the
+                model's (`support_statistics`); they matter in inference
+                mode (`training=False`).
         """
         if training is None:
             training = self.options.batch_statistics
-        logits, _ = self._run(values, {}, images, training)
+        logits, _ = self._run(values, dict(statistics or {}), images,
+                              training)
         return logits
 
     def adapt(self, values: Sequence[tf.Tensor], support_images,
@@ -383,9 +404,35 @@ class MetaLearner:
 
     # -- Evaluation -----------------------------------------------------
 
+    def support_statistics(self, values: Sequence[tf.Tensor], support_images
+                           ) -> State:
+        """BatchNorm statistics re-estimated on a task's support set.
+
+        One training-mode pass of the network at `values` (e.g. adapted
+        ones) over the support images gives each BatchNorm layer the mean
+        and variance of its inputs there: what the task's own moving
+        statistics would be. An exported task that keeps them
+        (`km_tf.meta.save_adapted_task(..., statistics=...)`) computes
+        `evaluate(..., statistics="support")`.
+
+        Args:
+            values: One tensor per parameter.
+            support_images: The task's support images, `(N*K, h, w, 3)`.
+
+        Returns:
+            `{id(variable): value}` for the moving mean and variance of
+            every BatchNorm layer that normalizes with batch moments in
+            training mode (trainable ones); no variable changes.
+        """
+        mapping = {id(v): t for v, t in zip(self.parameters, values)}
+        _, updates = run_model(self.model, mapping, support_images,
+                               training=True, momentum=0.0)
+        return {key: tf.stop_gradient(value) for key, value in updates.items()
+                if key in self._moving_statistics}
+
     def evaluate(self, episodes: Iterable[Episode], *,
                  steps: int | None = None,
-                 transductive: bool | None = None) -> np.ndarray:
+                 statistics: str | None = None) -> np.ndarray:
         """Adapts to each episode's support set and scores its query set.
 
         The learner's variables are the initial weights of every episode;
@@ -395,23 +442,55 @@ class MetaLearner:
             episodes: Single (unbatched) episodes, e.g.
                 `EpisodeSampler.episodes(600)`.
             steps: Inner steps; `None`: the options' `evaluation_steps`.
-            transductive: Score the query set with batch statistics (the
-                query set's own, as MAML reports it); `False`: with the
-                moving statistics, as an exported task computes. `None`:
-                the options' `batch_statistics`.
+            statistics: The BatchNorm statistics the query set is scored
+                with, one of `STATISTICS`: `"query"`, its own batch
+                statistics (transductive, as MAML reports); `"moving"`, the
+                moving statistics of meta-training (an exported task that
+                keeps the base's statistics); `"support"`, statistics
+                re-estimated on the support set after adapting
+                (`support_statistics`; an exported task with its own).
+                `None`: `"query"` if the options' `batch_statistics`, else
+                `"moving"`.
 
         Returns:
             The query accuracy of every episode, float64 `(episodes,)`;
             `km_tf.meta.mean_confidence_interval` summarises it.
         """
+        if statistics is None:
+            statistics = ("query" if self.options.batch_statistics
+                          else "moving")
+        return self.evaluate_with(episodes, steps=steps,
+                                  statistics=(statistics,))[statistics]
+
+    def evaluate_with(self, episodes: Iterable[Episode], *,
+                      steps: int | None = None,
+                      statistics: Sequence[str] = STATISTICS
+                      ) -> dict[str, np.ndarray]:
+        """`evaluate` under several BatchNorm statistics at once: each
+        episode is adapted once and its query set scored with each.
+
+        Args:
+            episodes: Single (unbatched) episodes.
+            steps: Inner steps; `None`: the options' `evaluation_steps`.
+            statistics: Names from `STATISTICS` (see `evaluate`).
+
+        Returns:
+            `{name: query accuracy of every episode}` (float64 arrays).
+        """
+        statistics = tuple(statistics)
+        unknown = [name for name in statistics if name not in STATISTICS]
+        if unknown or not statistics:
+            raise ValueError(
+                f"Unknown BatchNorm statistics {unknown or statistics!r}: "
+                f"choose from {', '.join(STATISTICS)}.")
         steps = self.options.evaluation_steps if steps is None else steps
-        if transductive is None:
-            transductive = self.options.batch_statistics
-        return np.array([
-            float(self._score(Episode(*(tf.convert_to_tensor(part)
-                                        for part in episode)),
-                              steps=steps, transductive=transductive))
-            for episode in episodes], dtype=np.float64)
+        scores = np.array([
+            self._score(Episode(*(tf.convert_to_tensor(part)
+                                  for part in episode)),
+                        steps=steps, statistics=statistics).numpy()
+            for episode in episodes], dtype=np.float64).reshape(
+                -1, len(statistics))
+        return {name: scores[:, i] for i, name in enumerate(statistics)}
 
     # -- The loops ------------------------------------------------------
 
@@ -484,12 +563,19 @@ class MetaLearner:
         return loss, accuracy(episode.query_labels, logits), gradients, state
 
     def _score_episode(self, episode: Episode, *, steps: int,
-                       transductive: bool) -> tf.Tensor:
+                       statistics: tuple[str, ...]) -> tf.Tensor:
+        """Query accuracy of one adapted episode under each statistics."""
         adapted = self.adapt(self.parameter_values(), episode.support_images,
                              episode.support_labels, steps=steps)
-        logits = self.forward(adapted, episode.query_images,
-                              training=transductive)
-        return accuracy(episode.query_labels, logits)
+        scores = []
+        for name in statistics:
+            own = None
+            if name == "support":
+                own = self.support_statistics(adapted, episode.support_images)
+            logits = self.forward(adapted, episode.query_images,
+                                  training=name == "query", statistics=own)
+            scores.append(accuracy(episode.query_labels, logits))
+        return tf.stack(scores)
 
 
 def assign_updates(model: keras.Model, state: State, replicas: int) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 
 from km_tf.layers import KM_LAYERS
 from km_tf.meta.learners import MetaLearner
-from km_tf.walk import (ROLE_BATCHNORM, ROLE_HEAD, ROLE_MODULATED,
-                        layer_role, walk_layers)
+from km_tf.walk import (BATCHNORM_TYPES, ROLE_BATCHNORM, ROLE_HEAD,
+                        ROLE_MODULATED, layer_role, walk_layers)
 
 
 def mean_confidence_interval(accuracies: Sequence[float]
@@ -68,7 +68,8 @@ class TaskStorage:
                 "percent_of_base": round(self.percent_of_base, 4)}
 
 
-def task_storage(learner: MetaLearner) -> TaskStorage:
+def task_storage(learner: MetaLearner, *,
+                 own_statistics: bool = False) -> TaskStorage:
     """Per-task bytes of a learner's adapted tasks.
 
     A task stores the values its inner loop changes: modulators and head
@@ -78,6 +79,10 @@ def task_storage(learner: MetaLearner) -> TaskStorage:
 
     Args:
         learner: Any `MetaLearner`.
+        own_statistics: Tasks also keep their own BatchNorm moving
+            statistics (`learner.support_statistics`). Counted are the
+            statistics alone; a km_maml task file with them today also
+            holds BatchNorm's (meta-trained) gamma and beta.
 
     Returns:
         The `TaskStorage`.
@@ -110,8 +115,15 @@ def task_storage(learner: MetaLearner) -> TaskStorage:
              for v in learner.inner_variables}
     contents = " + ".join(name for name in (*names.values(), "other")
                           if name in roles)
-    return TaskStorage(contents, sum(_bytes(v) for v in
-                                     learner.inner_variables), base_bytes)
+    task_bytes = sum(_bytes(v) for v in learner.inner_variables)
+    if own_statistics:
+        statistics = [weight for _, layer in walk_layers(model)
+                      if isinstance(layer, BATCHNORM_TYPES)
+                      for weight in (layer.moving_mean,
+                                     layer.moving_variance)]
+        contents += " + batchnorm statistics"
+        task_bytes += sum(_bytes(v) for v in statistics)
+    return TaskStorage(contents, task_bytes, base_bytes)
 
 
 def _bytes(variable) -> int:
