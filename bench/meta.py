@@ -33,17 +33,16 @@ all three ways.
 
 Writes `<output>.json` and `<output>.md` (default bench/results/meta.*).
 
-Runtime, measured with the 1- and 5-shot settings run side by side (one
-process per core of a 2-core CPU, other work sharing it): 1 shot at 3,000
-meta-steps 64 min (KM-MAML 0.34 s per meta-step, ANIL 0.19, MAML 0.34,
-fine-tuning's pretraining 0.23); 5 shots at 1,500 meta-steps about 70 min
-(0.87, 0.31, 0.91, 0.42 s). Fine-tuning's 100 steps per episode make its
-evaluation the longest (2.4 and 7 minutes). README and BUILD.md have the
-results (`bench/results/meta_*shot*.md`).
+Runtime at 3,000 meta-steps, one process per core of a 2-core CPU
+(`--threads=1`): KM-MAML 14 min at 1 shot (0.28 s per meta-step), 37 min
+at 5 shots (0.67 s); MAML 13 and 35 min (0.24, 0.65 s); ANIL 8 and 13
+min. Each meta-learner's 600 evaluation episodes take 0.3-1.2 min; the
+fine-tuning baseline's 100 steps per episode make its evaluation the
+longest (2.4 and 7 minutes). README and BUILD.md have the results
+(`bench/results/meta_*.md`).
 
 TensorFlow runs on one thread per pool with op determinism (`--threads`,
-`bench/determinism.py`), so a part reproduces on any number of cores; the
-runtimes above were measured before, with TensorFlow's default threads.
+`bench/determinism.py`), so a part reproduces on any number of cores.
 
 --methods and --shots run a part. The results so far are rewritten after
 each method, so a run that dies keeps what it finished; it does not resume

@@ -477,7 +477,8 @@ class MetaLearner:
         Returns:
             `{name: query accuracy of every episode}` (float64 arrays).
         """
-        statistics = tuple(statistics)
+        statistics = ((statistics,) if isinstance(statistics, str)
+                      else tuple(statistics))
         unknown = [name for name in statistics if name not in STATISTICS]
         if unknown or not statistics:
             raise ValueError(
