@@ -87,7 +87,7 @@ def save_adapted_task(learner: MetaLearner, values: Sequence[tf.Tensor],
         statistics: The task's own BatchNorm moving statistics, e.g.
             `learner.support_statistics(values, support_images)`; the task
             file then holds BatchNorm (its statistics and the meta-trained
-            gamma and beta, about 1 KB on the benchmark's Conv-4) and
+            gamma and beta: 2 KB of values on the benchmark's Conv-4) and
             computes `learner.evaluate(..., statistics="support")`.
             `None`: the task keeps the base's statistics (`"moving"`).
 
