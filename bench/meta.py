@@ -248,8 +248,7 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
     # Meta-learners: transductive (the query set's statistics, as MAML
     # reports), and as deployed: an exported task with the moving
     # statistics of meta-training, or with its support set's.
-    statistics = (("query", "moving", "support")
-                  if learner.options.batch_statistics else ("moving",))
+    statistics = learner.scored_statistics
     scores = learner.evaluate_with(test.episodes(config.eval_episodes),
                                    statistics=statistics)
     eval_seconds = time.perf_counter() - started

@@ -321,12 +321,10 @@ def validation(learner: meta.MetaLearner | None,
 
 def evaluate(learner: meta.MetaLearner, sampler: meta.EpisodeSampler,
              count: int, log: loop.ProgressLog) -> dict[str, np.ndarray]:
-    """Accuracy on `count` episodes, with a log line per 100: `{"query"` (a
-    meta-learner's transductive score, as MAML reports; fine-tuning's is
-    `"moving"`), and for meta-learners also as deployed: `"moving"`,
-    `"support"` statistics `}` (`MetaLearner.evaluate`)."""
-    statistics = (meta.STATISTICS if learner.options.batch_statistics
-                  else ("moving",))
+    """Accuracy on `count` episodes under each of the learner's
+    `scored_statistics` (`MetaLearner.evaluate`), with a log line per 100
+    of the first (the headline score)."""
+    statistics = learner.scored_statistics
     scores = {name: [] for name in statistics}
     for start in range(0, count, 100):
         chunk = min(100, count - start)
@@ -441,15 +439,15 @@ def main(argv):
                              queries=FLAGS.queries, seed=episode_seed("test"))
         evaluated = time.perf_counter()
         scores = evaluate(learner, test, FLAGS.eval_episodes, log)
-        accuracies = next(iter(scores.values()))
+        headline, *as_deployed = learner.scored_statistics
+        accuracies = scores[headline]
         mean, half_width = meta.mean_confidence_interval(accuracies)
         deployed = {}
-        if learner.options.batch_statistics:
-            for name in ("moving", "support"):
-                deployed_mean, deployed_half_width = (
-                    meta.mean_confidence_interval(scores[name]))
-                deployed[name] = {"accuracy": deployed_mean,
-                                  "ci95": deployed_half_width}
+        for name in as_deployed:
+            deployed_mean, deployed_half_width = (
+                meta.mean_confidence_interval(scores[name]))
+            deployed[name] = {"accuracy": deployed_mean,
+                              "ci95": deployed_half_width}
         report = {
             "settings": _settings(strategy),
             "data": pools.summary(),

@@ -215,6 +215,9 @@ class MetaLearner:
         parameters: The variables the learner differentiates (inner and
             outer ones, in the model's order, then `inner_rates`); a list
             of *values* always follows this order.
+        moving_statistics: Every BatchNorm layer's moving mean and
+            variance (what `support_statistics` re-estimates, and what a
+            task with its own statistics stores).
         inner_rates: With `options.learn_inner_rates`, the meta-learned
             inner step sizes: a float32 vector variable, one per inner
             variable (in `inner_variables`' order), also the last outer
@@ -272,10 +275,10 @@ class MetaLearner:
         # would only slow the tracing down.
         self._score = tf.function(self._score_episode, reduce_retracing=True,
                                   autograph=False)
-        self._moving_statistics = {
-            id(weight) for _, layer in walk_layers(model)
+        self.moving_statistics = [
+            weight for _, layer in walk_layers(model)
             if isinstance(layer, BATCHNORM_TYPES)
-            for weight in (layer.moving_mean, layer.moving_variance)}
+            for weight in (layer.moving_mean, layer.moving_variance)]
 
     # -- Pure functions of weight values --------------------------------
 
@@ -427,8 +430,9 @@ class MetaLearner:
         mapping = {id(v): t for v, t in zip(self.parameters, values)}
         _, updates = run_model(self.model, mapping, support_images,
                                training=True, momentum=0.0)
+        wanted = {id(v) for v in self.moving_statistics}
         return {key: tf.stop_gradient(value) for key, value in updates.items()
-                if key in self._moving_statistics}
+                if key in wanted}
 
     def evaluate(self, episodes: Iterable[Episode], *,
                  steps: int | None = None,
@@ -457,10 +461,17 @@ class MetaLearner:
             `km_tf.meta.mean_confidence_interval` summarises it.
         """
         if statistics is None:
-            statistics = ("query" if self.options.batch_statistics
-                          else "moving")
+            statistics = self.scored_statistics[0]
         return self.evaluate_with(episodes, steps=steps,
                                   statistics=(statistics,))[statistics]
+
+    @property
+    def scored_statistics(self) -> tuple[str, ...]:
+        """The statistics this learner's query sets are scored with: all of
+        `STATISTICS` when it adapts with batch statistics (the first,
+        "query", is its headline score, as MAML reports), else "moving"
+        alone (its inner loop runs in inference mode, like fine-tuning)."""
+        return STATISTICS if self.options.batch_statistics else ("moving",)
 
     def evaluate_with(self, episodes: Iterable[Episode], *,
                       steps: int | None = None,

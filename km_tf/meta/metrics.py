@@ -11,8 +11,8 @@ import numpy as np
 
 from km_tf.layers import KM_LAYERS
 from km_tf.meta.learners import MetaLearner
-from km_tf.walk import (BATCHNORM_TYPES, ROLE_BATCHNORM, ROLE_HEAD,
-                        ROLE_MODULATED, layer_role, walk_layers)
+from km_tf.walk import (ROLE_BATCHNORM, ROLE_HEAD, ROLE_MODULATED,
+                        layer_role, walk_layers)
 
 
 def mean_confidence_interval(accuracies: Sequence[float]
@@ -117,12 +117,8 @@ def task_storage(learner: MetaLearner, *,
                           if name in roles)
     task_bytes = sum(_bytes(v) for v in learner.inner_variables)
     if own_statistics:
-        statistics = [weight for _, layer in walk_layers(model)
-                      if isinstance(layer, BATCHNORM_TYPES)
-                      for weight in (layer.moving_mean,
-                                     layer.moving_variance)]
         contents += " + batchnorm statistics"
-        task_bytes += sum(_bytes(v) for v in statistics)
+        task_bytes += sum(_bytes(v) for v in learner.moving_statistics)
     return TaskStorage(contents, task_bytes, base_bytes)
 
 
