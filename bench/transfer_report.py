@@ -144,11 +144,13 @@ def _target(other: str, delta: float, byte_ratio: float) -> str:
     return ""
 
 
-def _sweep_words(suite: dict) -> str:
-    """How the rate was chosen, from a results file's suite (files written
-    before `sweep_seeds` existed swept at seed 0 alone)."""
+def _sweep_words(results: dict) -> str:
+    """How the rate was chosen, from a results file's suite."""
+    import transfer_suite
+
+    suite = transfer_suite.recorded_suite(results)
     grid, seeds = list(suite["learning_rates"]), suite["seeds"]
-    sweep_seeds = suite.get("sweep_seeds", 1)
+    sweep_seeds = suite["sweep_seeds"]
     if sweep_seeds == 1:
         return (f"validation accuracy of the sweep {grid} at seed 0; seeds "
                 f"1..{seeds - 1} rerun at that rate")
@@ -217,7 +219,7 @@ def markdown(results: dict, plot_name: str) -> str:
         f"Protocol: every method starts from the same base and trains "
         f"{suite['steps']} Adam steps (batch {suite['batch_size']}, cosine "
         f"decay, augmentation {suite['augment']}). Learning rate per method "
-        f"and task: the best {_sweep_words(suite)}. Seeds redraw the "
+        f"and task: the best {_sweep_words(results)}. Seeds redraw the "
         "splits, the few-shot sample, the per-task initialisation and the "
         "batch order. Accuracy: test "
         f"split, mean ± sd over {seeds} seed(s). Per-task bytes: float32 "

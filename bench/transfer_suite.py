@@ -994,15 +994,25 @@ def run_suite(suite: Suite, output_dir: str | os.PathLike,
     return results
 
 
+# Suite fields added after results files were first written, with the value
+# they had in effect before (a sweep ran at seed 0 alone).
+ADDED_SUITE_FIELDS = {"sweep_seeds": 1}
+
+
+def recorded_suite(results: dict) -> dict:
+    """A results file's suite, with the fields it predates
+    (`ADDED_SUITE_FIELDS`) at the value they had in effect."""
+    return {**ADDED_SUITE_FIELDS, **results["suite"]}
+
+
 def suite_differences(first: dict, other: dict) -> list[str]:
     """What keeps two results files' rows from one table: the names of the
     suite fields (the method list aside), base and tasks that differ.
-    Files written before a field existed count as its default
-    (`sweep_seeds`: 1)."""
+    Fields a file predates count as they were in effect
+    (`recorded_suite`)."""
     def protocol(results: dict) -> dict:
-        return {"sweep_seeds": 1, **{key: value for key, value
-                                     in results["suite"].items()
-                                     if key != "methods"}}
+        return {key: value for key, value in recorded_suite(results).items()
+                if key != "methods"}
     first_suite, other_suite = protocol(first), protocol(other)
     return sorted(
         [key for key in first_suite.keys() | other_suite.keys()

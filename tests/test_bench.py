@@ -204,6 +204,7 @@ def test_the_rate_is_chosen_on_the_mean_over_the_sweep_seeds():
 
 def test_smoke_suite_writes_json_png_and_results(tmp_path):
     import transfer  # bench/transfer.py; importing defines its absl flags.
+    import transfer_report
 
     output = tmp_path / "transfer"
     markdown = tmp_path / "RESULTS.md"
@@ -251,6 +252,16 @@ def test_smoke_suite_writes_json_png_and_results(tmp_path):
     with pytest.raises(ValueError, match="sweep_seeds"):
         transfer.merged_results([results, {**results, "suite": {
             **results["suite"], "sweep_seeds": 2}}])
+    # A file written before `sweep_seeds` existed swept at seed 0 alone:
+    # it merges with a one-seed sweep and is described as one.
+    older = {**results, "suite": {key: value for key, value
+                                  in results["suite"].items()
+                                  if key != "sweep_seeds"}}
+    assert results["suite"]["sweep_seeds"] == 1
+    assert transfer.merged_results([results, older])["summary"] == (
+        results["summary"])
+    assert " at seed 0; " in (
+        transfer_report.markdown(older, "transfer.png"))
 
 
 def test_offline_suite_runs_on_a_tiny_budget(tmp_path, monkeypatch):
