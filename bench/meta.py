@@ -94,6 +94,7 @@ class Config:
     inner_learning_rate: float = 0.1
     modulator_learning_rate: float | None = None
     learn_inner_rates: bool = False
+    zero_head: bool = False
     adapt_batchnorm: bool = False
     first_order: bool = False
     outer_learning_rate: float = 1e-3
@@ -143,6 +144,9 @@ def define_flags() -> None:
                       "Meta-learners meta-learn one inner step size per "
                       "inner weight (MAML++-style), starting at the "
                       "fixed rates.")
+    flags.DEFINE_bool("zero_head", defaults.zero_head,
+                      "Meta-learners start every task's head at zero "
+                      "(the zeroing trick; the head is not meta-trained).")
     flags.DEFINE_bool("first_order", defaults.first_order,
                       "First-order meta-gradients.")
     flags.DEFINE_float("outer_learning_rate", defaults.outer_learning_rate,
@@ -184,7 +188,7 @@ def config_from_flags() -> Config:
         inner_learning_rate=flag.inner_learning_rate,
         modulator_learning_rate=flag.modulator_learning_rate,
         learn_inner_rates=flag.learn_inner_rates,
-        first_order=flag.first_order,
+        zero_head=flag.zero_head, first_order=flag.first_order,
         outer_learning_rate=flag.outer_learning_rate,
         finetune_steps=flag.finetune_steps,
         finetune_learning_rate=flag.finetune_learning_rate,
@@ -203,7 +207,8 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
     log.message(f"== {method}, {config.ways}-way {shots}-shot")
     optimizer = keras.optimizers.Adam(config.outer_learning_rate)
     sampler = pools.sampler("train", ways=config.ways, shots=shots,
-                            queries=config.queries, seed=3 * config.seed)
+                            queries=config.queries,
+                            seed=meta.episode_seed(config.seed, "train"))
     if method == "finetune":
         base = models.build_model(
             config.model, pools.class_count("train"),
@@ -211,7 +216,8 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
         stage = loop.classifier_stage(
             base, optimizer, pools.images, pools.labels, pools.splits.train,
             batch_size=config.meta_batch_size * config.ways * (
-                shots + config.queries), seed=3 * config.seed)
+                shots + config.queries),
+            seed=meta.episode_seed(config.seed, "train"))
     else:
         base = models.build_model(
             config.model, config.ways, image_size=config.image_size,
@@ -221,7 +227,7 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
             inner_learning_rate=config.inner_learning_rate,
             modulator_learning_rate=config.modulator_learning_rate,
             learn_inner_rates=config.learn_inner_rates,
-            first_order=config.first_order,
+            zero_head=config.zero_head, first_order=config.first_order,
             eval_inner_steps=config.eval_inner_steps)
         extra = {}
         if method == "km_maml":
@@ -243,7 +249,8 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
             meta.FINETUNE_OPTIONS, inner_steps=config.finetune_steps,
             inner_learning_rate=config.finetune_learning_rate))
     test = pools.sampler("test", ways=config.ways, shots=shots,
-                         queries=config.queries, seed=3 * config.seed + 2)
+                         queries=config.queries,
+                         seed=meta.episode_seed(config.seed, "test"))
     started = time.perf_counter()
     # Meta-learners: transductive (the query set's statistics, as MAML
     # reports), and as deployed: an exported task with the moving
@@ -321,6 +328,8 @@ def markdown(results: dict[str, Any]) -> str:
     classes = data["classes"]
     learned = (" (initial rates, each weight's meta-learned)"
                if config.get("learn_inner_rates") else "")
+    if config.get("zero_head"):
+        learned += "; every task's head starting at zero"
     lines = [
         "# Few-shot meta-learning: KM-MAML, ANIL, MAML, fine-tuning",
         "",

@@ -689,3 +689,51 @@ def test_each_method_adapts_and_meta_trains_its_own_variables():
     with pytest.raises(ValueError, match="Only a km_maml learner"):
         meta.save_adapted_task(anil, anil.parameter_values(), base,
                                "never-written.kmtask")
+
+
+@pytest.mark.parametrize("method", ["km_maml", "maml"])
+def test_zero_head_starts_every_task_from_a_zero_head(method):
+    keras.utils.set_random_seed(3)
+    learner = meta.make_learner(method, tiny_base(), WAYS,
+                                options=options(zero_head=True))
+    head = [v for v in learner.model.trainable_variables
+            if v.path.startswith("head/")]
+    head_paths = {v.path for v in head}
+    assert head and not head_paths & {v.path for v in
+                                      learner.outer_variables}
+    assert all(not np.any(numpy(v)) for v in head)  # What tasks start at.
+    episode = sampler().episode(0)
+    # No step: the task's head is zero, so every class scores the same.
+    start = learner.adapt(learner.parameter_values(), episode.support_images,
+                          episode.support_labels, steps=0)
+    logits = numpy(learner.forward(start, episode.query_images))
+    np.testing.assert_allclose(logits, 0.0, atol=1e-6)
+    # One step from zero: the head is the rate times minus its gradient at
+    # zero, whatever the variables' own head holds.
+    one = learner.adapt(learner.parameter_values(), episode.support_images,
+                        episode.support_labels, steps=1)
+    for variable in head:
+        variable.assign(numpy(variable) + 5.0)
+    again = learner.adapt(learner.parameter_values(),
+                          episode.support_images, episode.support_labels,
+                          steps=1)
+    for i, variable in enumerate(learner.parameters):
+        if variable.path in head_paths:
+            assert np.any(numpy(one[i]) != 0)
+            np.testing.assert_allclose(numpy(one[i]), numpy(again[i]),
+                                       atol=1e-6)
+    # Meta-training moves the body and leaves the unused head alone.
+    before = {v.path: numpy(v).copy() for v in learner.model.variables}
+    learner.meta_train_step(episode_batch())
+    moved = {v.path for v in learner.model.variables
+             if not np.array_equal(numpy(v), before[v.path])}
+    assert moved and not moved & head_paths
+
+
+def test_zero_head_needs_the_inner_loop_to_adapt_the_head():
+    model = tiny_base()
+    body = [v for v in model.trainable_variables
+            if not v.path.startswith("head/")]
+    with pytest.raises(ValueError, match="must adapt the whole head"):
+        meta.MetaLearner(model, inner_variables=body, outer_variables=body,
+                         options=options(zero_head=True))

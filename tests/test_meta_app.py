@@ -272,6 +272,35 @@ def test_the_adapted_example_task_restores_with_restore_task(runs):
     km_tf.restore_task(base, out / "meta_init.kmtask")
 
 
+def test_modulator_steps_bench_scores_a_run_with_and_without_them(
+        runs, tmp_path):
+    out = runs["root"] / "plain"
+    finish(runs["processes"]["plain"])
+    stem = tmp_path / "steps"
+    command = [sys.executable, str(ROOT / "bench" / "meta_modulator_steps.py"),
+               f"--run_dir={out}", "--episodes=6", f"--output={stem}"]
+    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=600,
+                   capture_output=True)
+    results = json.loads(stem.with_suffix(".json").read_text())
+    test = results["scores"]["test"]
+    # The rebuilt learner reproduces the run's own meta-test score (the
+    # same episodes), and the gain is the paired difference.
+    assert set(test) == {"modulators + head", "head only", "gain"}
+    assert test["modulators + head"]["query"]["accuracy"] == pytest.approx(
+        report(out)["test"]["accuracy"], abs=1e-4)
+    for name in ("query", "support"):
+        assert test["gain"][name]["accuracy"] == pytest.approx(
+            test["modulators + head"][name]["accuracy"]
+            - test["head only"][name]["accuracy"], abs=1e-4)
+    assert "| test | support |" in stem.with_suffix(".md").read_text()
+    # A run of another method is refused with the reason.
+    failed = subprocess.run(
+        [*command[:2], f"--run_dir={runs['root'] / 'missing'}",
+         f"--output={stem}"], env=ENVIRONMENT, timeout=600,
+        capture_output=True, text=True)
+    assert failed.returncode != 0 and "is missing" in failed.stderr
+
+
 def test_a_killed_run_resumes_to_the_same_weights_and_metrics(runs):
     root = runs["root"]
     runs["killer"].join()

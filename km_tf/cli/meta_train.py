@@ -79,8 +79,6 @@ FINETUNE_LAYERS = ("head", "all")
 # replica count).
 OUTPUT_FLAGS = ("output_dir", "verbose", "restart", "strategy", "tpu",
                 "cpu_replicas", "log_every", "data_dir")
-# Which stream of episodes each split draws (seeded with 3*seed + offset).
-_SEED_OFFSETS = {"train": 0, "validation": 1, "test": 2}
 
 flags.DEFINE_enum("method", "km_maml", list(meta.METHODS),
                   "km_maml: tasks adapt modulators + head; anil: the head; "
@@ -121,6 +119,9 @@ flags.DEFINE_boolean("learn_inner_rates", False, "Meta-learn one inner "
                      "step size per inner weight, starting at the rates "
                      "above (MAML++-style per-layer rates; second-order "
                      "only; not finetune).")
+flags.DEFINE_boolean("zero_head", False, "Start every task's head at zero "
+                     "instead of a meta-trained value (the zeroing trick; "
+                     "the head is then not meta-trained).")
 flags.DEFINE_boolean("first_order", False, "First-order meta-gradients "
                      "(FOMAML): faster, less exact.")
 flags.DEFINE_enum("finetune_layers", "head", list(FINETUNE_LAYERS),
@@ -194,7 +195,7 @@ class Setup:
 def episode_seed(split: str) -> int:
     """Seed of the episodes of one split (`"train"`, `"validation"`,
     `"test"`): different streams for one --seed."""
-    return 3 * FLAGS.seed + _SEED_OFFSETS[split]
+    return meta.episode_seed(FLAGS.seed, split)
 
 
 def check_flags(strategy: tf.distribute.Strategy) -> None:
@@ -268,7 +269,8 @@ def _options() -> meta.MetaOptions:
         modulator_learning_rate=FLAGS.modulator_learning_rate,
         learn_inner_rates=FLAGS.learn_inner_rates,
         first_order=FLAGS.first_order,
-        eval_inner_steps=FLAGS.eval_inner_steps)
+        eval_inner_steps=FLAGS.eval_inner_steps,
+        zero_head=FLAGS.zero_head)
 
 
 def build(pools: meta_pools.MetaPools) -> Setup:
@@ -477,7 +479,7 @@ def _settings(strategy: tf.distribute.Strategy) -> dict[str, Any]:
     names = ["method", "model", "alpha", "image_size", "data", "ways",
              "shots", "queries", "meta_batch_size", "inner_steps",
              "eval_inner_steps", "inner_learning_rate",
-             "learn_inner_rates", "first_order",
+             "learn_inner_rates", "zero_head", "first_order",
              "outer_learning_rate", "meta_steps", "seed", "strategy"]
     if FLAGS.method == "km_maml":
         names += ["hidden_units", "filter_units", "form", "adapt_batchnorm",

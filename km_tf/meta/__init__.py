@@ -37,7 +37,7 @@ Example:
 """
 
 from km_tf.meta.episodes import (ClassSplits, Episode, EpisodeSampler,
-                                 split_classes)
+                                 episode_seed, split_classes)
 from km_tf.meta.export import meta_trained_base, save_adapted_task
 from km_tf.meta.forward import modulate_kernel_differentiably, run_model
 from km_tf.meta.learners import (FINETUNE_OPTIONS, METHODS,
@@ -53,7 +53,8 @@ __all__ = [
     "ClassSplits", "Episode", "EpisodeSampler", "FINETUNE_OPTIONS",
     "METHODS", "MODULATOR_RATE_FACTOR", "MetaGradients", "MetaLearner",
     "MetaOptions", "STATISTICS", "TaskStorage",
-    "accuracy", "anil", "cross_entropy", "finetune", "km_maml",
+    "accuracy", "anil", "cross_entropy", "episode_seed", "finetune",
+    "km_maml",
     "make_learner", "maml", "mean_confidence_interval", "meta_trained_base",
     "modulate_kernel_differentiably", "run_model", "save_adapted_task",
     "split_classes", "task_storage",

@@ -43,6 +43,16 @@ SPLIT_NAMES = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)
 
 
+def episode_seed(seed: int, split: str) -> int:
+    """The episode seed of one split (one of `SPLIT_NAMES`) in a run of
+    `seed`: every split draws its own stream, and runs of other seeds other
+    streams (km-meta-train and bench/meta.py draw their episodes so)."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"Unknown split {split!r}; choose from "
+                         f"{', '.join(SPLIT_NAMES)}.")
+    return len(SPLIT_NAMES) * seed + SPLIT_NAMES.index(split)
+
+
 class Episode(NamedTuple):
     """One N-way K-shot task (or a batch of them, with a leading axis).
 

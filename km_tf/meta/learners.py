@@ -127,6 +127,14 @@ class MetaOptions:
             inner_rates`), trained by the outer optimizer through the
             second-order meta-gradient; a first-order learner refuses them
             (its meta-gradient does not reach them).
+        zero_head: Start every task's head at zero instead of at a
+            meta-trained value (the "zeroing trick" of Kao et al., 2022). A
+            task's labels are an arbitrary order of its classes, so one
+            initial head cannot suit them all; from zeros, the first inner
+            step makes each class's weights a centred sum of its support
+            features. The head is then not meta-trained, and the
+            learner sets its variables to zero (so a saved initial task or
+            meta-trained base shows what every task starts from).
     """
 
     inner_steps: int = 5
@@ -136,6 +144,7 @@ class MetaOptions:
     batch_statistics: bool = True
     modulator_learning_rate: float | None = None
     learn_inner_rates: bool = False
+    zero_head: bool = False
 
     def __post_init__(self) -> None:
         for name in ("inner_steps", "eval_inner_steps"):
@@ -246,6 +255,14 @@ class MetaLearner:
         self.options = options
         inner_ids = {id(v) for v in inner_variables}
         outer_ids = {id(v) for v in outer_variables}
+        head_ids = {id(v) for v in _head_variables(model)}
+        if options.zero_head:
+            if not head_ids or not head_ids <= inner_ids:
+                raise ValueError(
+                    "`zero_head` starts every task's head at zero, so the "
+                    "inner loop must adapt the whole head: pass its "
+                    "weights in `inner_variables`, or set zero_head=False.")
+            outer_ids -= head_ids
         self.parameters = [v for v in model.variables
                            if id(v) in inner_ids | outer_ids]
         self.inner_variables = [v for v in self.parameters
@@ -254,6 +271,11 @@ class MetaLearner:
                                 if id(v) in outer_ids]
         self._inner = [i for i, v in enumerate(self.parameters)
                        if id(v) in inner_ids]
+        self._zeroed = [i for i, v in enumerate(self.parameters)
+                        if options.zero_head and id(v) in head_ids]
+        for i in self._zeroed:
+            self.parameters[i].assign(
+                keras.ops.zeros_like(self.parameters[i]))
         roles = {id(item.variable): item.role
                  for item in task_variables(model)}
         self._inner_rates = [options.inner_rate(roles.get(id(v), ""))
@@ -522,6 +544,9 @@ class MetaLearner:
         """The inner loop. With `second_order`, the updates stay
         differentiable for an enclosing tape; else their gradients are
         constants (stopped)."""
+        values = list(values)
+        for i in self._zeroed:
+            values[i] = tf.zeros_like(values[i])
         rates = self._inner_rates
         if self.inner_rates is not None:
             rates = tf.unstack(values[-1])
