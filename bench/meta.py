@@ -145,8 +145,8 @@ def define_flags() -> None:
                       "inner weight (MAML++-style), starting at the "
                       "fixed rates.")
     flags.DEFINE_bool("zero_head", defaults.zero_head,
-                      "Meta-learners start every task's head at zero "
-                      "(the zeroing trick; the head is not meta-trained).")
+                      "Every method starts each task's head at zero (the "
+                      "zeroing trick; the head is not meta-trained).")
     flags.DEFINE_bool("first_order", defaults.first_order,
                       "First-order meta-gradients.")
     flags.DEFINE_float("outer_learning_rate", defaults.outer_learning_rate,
@@ -247,7 +247,8 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
     if method == "finetune":
         learner = meta.finetune(base, config.ways, options=dataclasses.replace(
             meta.FINETUNE_OPTIONS, inner_steps=config.finetune_steps,
-            inner_learning_rate=config.finetune_learning_rate))
+            inner_learning_rate=config.finetune_learning_rate,
+            zero_head=config.zero_head))
     test = pools.sampler("test", ways=config.ways, shots=shots,
                          queries=config.queries,
                          seed=meta.episode_seed(config.seed, "test"))

@@ -262,7 +262,8 @@ def _options() -> meta.MetaOptions:
                  else FLAGS.eval_inner_steps)
         return dataclasses.replace(
             meta.FINETUNE_OPTIONS, inner_steps=steps,
-            inner_learning_rate=FLAGS.inner_learning_rate)
+            inner_learning_rate=FLAGS.inner_learning_rate,
+            zero_head=FLAGS.zero_head)
     return meta.MetaOptions(
         inner_steps=FLAGS.inner_steps,
         inner_learning_rate=FLAGS.inner_learning_rate,
