@@ -37,7 +37,6 @@ import km_tf  # noqa: E402
 from km_tf import meta, models  # noqa: E402
 from km_tf.cli import meta_train  # noqa: E402
 from km_tf.meta import pools as meta_pools  # noqa: E402
-from km_tf.walk import ROLE_HEAD, layer_role, walk_layers  # noqa: E402
 from determinism import THREADS_HELP, make_reproducible  # noqa: E402
 from results_io import machine_summary, write_results  # noqa: E402
 
@@ -106,11 +105,9 @@ def learners(run_dir: str | os.PathLike, settings: dict[str, Any]
                              f"settings: {mine.path} is {tuple(mine.shape)}"
                              f", the run's {tuple(theirs.shape)}.")
         mine.assign(theirs)
-    head = [weight for _, layer in walk_layers(learner.model)
-            if layer_role(layer) == ROLE_HEAD
-            for weight in layer.trainable_weights]
-    head_only = meta.MetaLearner(learner.model, inner_variables=head,
-                                 outer_variables=[], options=options)
+    head_only = meta.MetaLearner(
+        learner.model, inner_variables=meta.head_variables(learner.model),
+        outer_variables=[], options=options)
     return dict(zip(ADAPTS, (learner, head_only)))
 
 
@@ -125,25 +122,18 @@ def measure(run_dir: str | os.PathLike, episodes: int) -> dict[str, Any]:
             split, ways=settings["ways"], shots=settings["shots"],
             queries=settings["queries"],
             seed=meta.episode_seed(settings["seed"], split))
-        scores[split] = {}
-        for adapts, learner in compared.items():
-            accuracies = learner.evaluate_with(sampler.episodes(episodes),
-                                               statistics=STATISTICS)
-            scores[split][adapts] = {
-                name: dict(zip(("accuracy", "ci95"),
-                               meta.mean_confidence_interval(values)))
-                for name, values in accuracies.items()}
-            # Paired per episode: the same episodes both ways.
-            scores[split][adapts]["episodes"] = accuracies
-        gains = {name: (scores[split][ADAPTS[0]]["episodes"][name]
-                        - scores[split][ADAPTS[1]]["episodes"][name])
-                 for name in STATISTICS}
-        scores[split]["gain"] = {
-            name: dict(zip(("accuracy", "ci95"),
-                           meta.mean_confidence_interval(values)))
-            for name, values in gains.items()}
-        for adapts in ADAPTS:
-            del scores[split][adapts]["episodes"]
+        # The same episodes both ways, so the gain is paired per episode.
+        accuracies = {adapts: learner.evaluate_with(
+                          sampler.episodes(episodes), statistics=STATISTICS)
+                      for adapts, learner in compared.items()}
+        accuracies["gain"] = {
+            name: accuracies[ADAPTS[0]][name] - accuracies[ADAPTS[1]][name]
+            for name in STATISTICS}
+        scores[split] = {
+            key: {name: dict(zip(("accuracy", "ci95"),
+                                 meta.mean_confidence_interval(values)))
+                  for name, values in by_statistics.items()}
+            for key, by_statistics in accuracies.items()}
     return {"run_dir": os.fspath(run_dir), "settings": settings,
             "episodes": episodes, "scores": _floats(scores),
             "machine": machine_summary(tensorflow=True)}

@@ -44,7 +44,8 @@ from km_tf.meta.learners import (FINETUNE_OPTIONS, METHODS,
                                  MODULATOR_RATE_FACTOR, STATISTICS,
                                  MetaGradients, MetaLearner, MetaOptions,
                                  accuracy, anil,
-                                 cross_entropy, finetune, km_maml,
+                                 cross_entropy, finetune, head_variables,
+                                 km_maml,
                                  make_learner, maml)
 from km_tf.meta.metrics import (TaskStorage, mean_confidence_interval,
                                 task_storage)
@@ -54,7 +55,7 @@ __all__ = [
     "METHODS", "MODULATOR_RATE_FACTOR", "MetaGradients", "MetaLearner",
     "MetaOptions", "STATISTICS", "TaskStorage",
     "accuracy", "anil", "cross_entropy", "episode_seed", "finetune",
-    "km_maml",
+    "head_variables", "km_maml",
     "make_learner", "maml", "mean_confidence_interval", "meta_trained_base",
     "modulate_kernel_differentiably", "run_model", "save_adapted_task",
     "split_classes", "task_storage",

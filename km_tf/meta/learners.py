@@ -255,7 +255,7 @@ class MetaLearner:
         self.options = options
         inner_ids = {id(v) for v in inner_variables}
         outer_ids = {id(v) for v in outer_variables}
-        head_ids = {id(v) for v in _head_variables(model)}
+        head_ids = {id(v) for v in head_variables(model)}
         if options.zero_head:
             if not head_ids or not head_ids <= inner_ids:
                 raise ValueError(
@@ -727,7 +727,7 @@ def anil(base: keras.Model, ways: int, *,
     Args: as `km_maml` (without the modulator options).
     """
     model = replace_head(base, ways, head_layer=head_layer)
-    return MetaLearner(model, inner_variables=_head_variables(model),
+    return MetaLearner(model, inner_variables=head_variables(model),
                        outer_variables=model.trainable_variables,
                        options=options, optimizer=optimizer)
 
@@ -779,14 +779,14 @@ def finetune(base: keras.Model, ways: int, *,
             "learn its inner rates: pass options with "
             "learn_inner_rates=False.")
     model = replace_head(base, ways, head_layer=head_layer)
-    inner = model.trainable_variables if all_layers else _head_variables(
+    inner = model.trainable_variables if all_layers else head_variables(
         model)
     return MetaLearner(model, inner_variables=inner, outer_variables=[],
                        options=options)
 
 
-def _head_variables(model: keras.Model) -> list[keras.Variable]:
-    """The trainable weights of the head: every trainable layer with weights
+def head_variables(model: keras.Model) -> list[keras.Variable]:
+    """The trainable weights of the head (what ANIL adapts): every trainable layer with weights
     that is neither a convolution nor BatchNorm (as `km_tf.modulate`'s
     default head)."""
     return [weight for _, layer in walk_layers(model)
