@@ -1,12 +1,13 @@
-"""km-meta-train (apps/meta_train.py) as a program, its tfds data, and
-bench/meta.py, all on tiny budgets.
+"""km-meta-train (apps/meta_train.py) as a program, its tfds data,
+bench/meta.py and bench/meta_adaptation.py, all on tiny budgets.
 
 The program runs start together in one module fixture (each is mostly
 single-threaded TensorFlow start-up and tracing, so two cores overlap
 them): an uninterrupted run logging to a file, the same run on two
 mirrored logical CPUs, the same run as two worker processes of a
 multi-worker cluster on loopback, the same run SIGKILLed after its first
-checkpoint and started again at once, and runs with bad flags.
+checkpoint and started again at once, a MAML run, and runs with bad
+flags.
 """
 
 import json
@@ -90,6 +91,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("meta_app")
     processes = {
         "plain": start(root / "plain", log=root / "plain.log"),
+        "maml": start(root / "maml", "--method=maml"),
         "distributed": start(root / "distributed", "--strategy=mirrored",
                              "--cpu_replicas=2"),
         **{f"worker{index}": start(root / "workers",
@@ -272,32 +274,53 @@ def test_the_adapted_example_task_restores_with_restore_task(runs):
     km_tf.restore_task(base, out / "meta_init.kmtask")
 
 
-def test_modulator_steps_bench_scores_a_run_with_and_without_them(
-        runs, tmp_path):
-    out = runs["root"] / "plain"
-    finish(runs["processes"]["plain"])
-    stem = tmp_path / "steps"
-    command = [sys.executable, str(ROOT / "bench" / "meta_modulator_steps.py"),
-               f"--run_dir={out}", "--episodes=6", f"--output={stem}"]
-    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=600,
-                   capture_output=True)
+def run_adaptation_bench(run_dir: Path, stem: Path, *flags: str
+                         ) -> subprocess.CompletedProcess:
+    """bench/meta_adaptation.py on `run_dir`, 6 episodes per split."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "meta_adaptation.py"),
+         f"--run_dir={run_dir}", "--episodes=6", f"--output={stem}", *flags],
+        env=ENVIRONMENT, timeout=600, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("method", ["km_maml", "maml"])
+def test_adaptation_bench_scores_a_run_with_parts_of_its_network(
+        runs, tmp_path, method):
+    name = "plain" if method == "km_maml" else method
+    out = runs["root"] / name
+    finish(runs["processes"][name])
+    stem = tmp_path / "adaptation"
+    run_adaptation_bench(out, stem).check_returncode()
     results = json.loads(stem.with_suffix(".json").read_text())
     test = results["scores"]["test"]
+    convolutions = [f"head + block{i}_conv" for i in range(1, 5)]
+    assert list(test) == ["as meta-trained", "head only",
+                          "head + BatchNorm", *convolutions]
     # The rebuilt learner reproduces the run's own meta-test score (the
-    # same episodes), and the gain is the paired difference.
-    assert set(test) == {"modulators + head", "head only", "gain"}
-    assert test["modulators + head"]["query"]["accuracy"] == pytest.approx(
+    # same episodes), and differences are paired.
+    as_trained = test["as meta-trained"]
+    assert as_trained["query"]["accuracy"] == pytest.approx(
         report(out)["test"]["accuracy"], abs=1e-4)
-    for name in ("query", "support"):
-        assert test["gain"][name]["accuracy"] == pytest.approx(
-            test["modulators + head"][name]["accuracy"]
-            - test["head only"][name]["accuracy"], abs=1e-4)
-    assert "| test | support |" in stem.with_suffix(".md").read_text()
-    # A run of another method is refused with the reason.
-    failed = subprocess.run(
-        [*command[:2], f"--run_dir={runs['root'] / 'missing'}",
-         f"--output={stem}"], env=ENVIRONMENT, timeout=600,
-        capture_output=True, text=True)
+    for adaptation in test.values():
+        for statistics in ("query", "support"):
+            assert adaptation[statistics]["gain"] == pytest.approx(
+                adaptation[statistics]["accuracy"]
+                - as_trained[statistics]["accuracy"], abs=1e-4)
+    # What each adaptation adapts: km_maml a convolution's modulator (4
+    # hidden units over 3x3 units), maml its kernel (8 filters of 3x3x8,
+    # no bias: BatchNorm follows).
+    weights = results["adapted_weights"]
+    head = weights["head only"]
+    own = weights["head + block4_conv"] - head
+    assert own == (3 * 3 * 8 * 8 if method == "maml"
+                   else 2 * 4 * 9 + 4 + 9), own
+    assert weights["as meta-trained"] > weights["head + block4_conv"]
+    assert "## Meta-test" in stem.with_suffix(".md").read_text()
+
+
+def test_adaptation_bench_refuses_an_unfinished_run(runs, tmp_path):
+    failed = run_adaptation_bench(runs["root"] / "missing",
+                                  tmp_path / "adaptation")
     assert failed.returncode != 0 and "is missing" in failed.stderr
 
 
