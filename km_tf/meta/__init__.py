@@ -43,10 +43,9 @@ from km_tf.meta.forward import modulate_kernel_differentiably, run_model
 from km_tf.meta.learners import (FINETUNE_OPTIONS, METHODS,
                                  MODULATOR_RATE_FACTOR, STATISTICS,
                                  MetaGradients, MetaLearner, MetaOptions,
-                                 accuracy, anil,
-                                 cross_entropy, finetune, head_variables,
-                                 km_maml,
-                                 make_learner, maml)
+                                 accuracy, anil, cross_entropy, finetune,
+                                 head_variables, km_maml, make_learner,
+                                 maml)
 from km_tf.meta.metrics import (TaskStorage, mean_confidence_interval,
                                 task_storage)
 

@@ -786,9 +786,9 @@ def finetune(base: keras.Model, ways: int, *,
 
 
 def head_variables(model: keras.Model) -> list[keras.Variable]:
-    """The trainable weights of the head (what ANIL adapts): every trainable layer with weights
-    that is neither a convolution nor BatchNorm (as `km_tf.modulate`'s
-    default head)."""
+    """The trainable weights of the head (what ANIL adapts): every
+    trainable layer with weights that is neither a convolution nor
+    BatchNorm (as `km_tf.modulate`'s default head)."""
     return [weight for _, layer in walk_layers(model)
             if layer_role(layer) == ROLE_HEAD
             for weight in layer.trainable_weights]
