@@ -69,7 +69,8 @@ from absl import app, flags  # noqa: E402
 from km_tf import meta, models  # noqa: E402
 from km_tf.meta import loop, pools as meta_pools  # noqa: E402
 from determinism import THREADS_HELP, make_reproducible  # noqa: E402
-from results_io import machine_summary, write_results  # noqa: E402
+from results_io import (  # noqa: E402
+    machine_summary, provenance, write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("km_maml", "anil", "maml", "finetune")
@@ -334,9 +335,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Few-shot meta-learning: KM-MAML, ANIL, MAML, fine-tuning",
         "",
-        f"Command: `{results.get('command', 'python bench/meta.py')}`  ",
-        f"Machine: {results['machine']}; {results['date']}; run "
-        f"{results['seconds']:.0f} s.  ",
+        *provenance(results, default_command="python bench/meta.py"),
         f"Data: {data['spec']} at {data['image_size']} px, "
         f"{classes['train']} / {classes['validation']} / {classes['test']} "
         f"meta-train / -validation / -test classes ({data['split']}).  ",

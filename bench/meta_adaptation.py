@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ from km_tf.meta import pools as meta_pools  # noqa: E402
 from km_tf.walk import BATCHNORM_TYPES, is_convolution, walk_layers  # noqa: E402
 
 from determinism import THREADS_HELP, make_reproducible  # noqa: E402
-from results_io import machine_summary, write_results  # noqa: E402
+from results_io import (  # noqa: E402
+    machine_summary, provenance, write_results)
 
 METHODS = ("km_maml", "maml", "anil")
 SPLITS = ("validation", "test")
@@ -170,6 +172,7 @@ def adaptations(learner: meta.MetaLearner) -> dict[str, list[keras.Variable]]:
 def measure(run_dir: str | os.PathLike, episodes: int) -> dict[str, Any]:
     """Scores the run's episodes with every adaptation; returns the
     JSON-ready results."""
+    started = time.perf_counter()
     settings = read_run(run_dir)
     pools = meta_pools.load_pools(settings["data"], settings["image_size"])
     learner = rebuild_learner(run_dir, settings)
@@ -197,7 +200,9 @@ def measure(run_dir: str | os.PathLike, episodes: int) -> dict[str, Any]:
                for name, variant in variants.items()}
     return {"run_dir": os.fspath(run_dir), "settings": settings,
             "episodes": episodes, "adapted_weights": adapted,
-            "scores": scores, "machine": machine_summary(tensorflow=True)}
+            "scores": scores, "machine": machine_summary(tensorflow=True),
+            "date": time.strftime("%Y-%m-%d"),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _summary(accuracies: np.ndarray, gains: np.ndarray) -> dict[str, float]:
@@ -216,8 +221,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Where the task adaptation of a meta-trained network pays",
         "",
-        f"Command: `{results.get('command', '')}`  ",
-        f"Machine: {results['machine']}.  ",
+        *provenance(results),
         f"Run: `{results['run_dir']}` (--method={settings['method']}, "
         f"{settings['ways']}-way {settings['shots']}-shot, "
         f"{settings['meta_steps']} meta-steps, seed {settings['seed']}); "

@@ -51,7 +51,8 @@ import km_tf  # noqa: E402
 from km_tf import models  # noqa: E402
 from km_tf.deploy import applier, export, formats  # noqa: E402
 from km_tf.export.litert import LiteRTModel  # noqa: E402
-from results_io import machine_summary, write_results  # noqa: E402
+from results_io import (  # noqa: E402
+    machine_summary, provenance, write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHNORM_MODES = ("train", "freeze")  # Per-task BatchNorm, the base's.
@@ -345,9 +346,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Task packs: size, switch time, served latency",
         "",
-        f"Command: `{results.get('command', 'measure()')}`",
-        f"Machine: {results['machine']}; {results['date']}; run "
-        f"{results['seconds']} s.",
+        *provenance(results, default_command="measure()"),
         f"Base: {config['model']} alpha {config['alpha']}, "
         f"{config['image_size']}x{config['image_size']}x3, "
         f"{config['classes']} classes ({results['base_params']:,} params), "

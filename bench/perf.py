@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 from memory import EXACT_CPU_COUNTS  # noqa: E402
-from results_io import write_results  # noqa: E402
+from results_io import provenance, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("mobilenet_v2", "resnet50")
@@ -262,8 +262,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# KM cost: ratios measured side by side",
         "",
-        f"Command: `{results['command']}`  ",
-        f"Machine: {results['machine']}; {results['date']}.  ",
+        *provenance(results),
         f"Input {results['image_size']}x{results['image_size']}, training "
         f"batch {results['batch_size']}, {NUM_CLASSES} classes, random "
         f"weights; KM = `km_tf.modulate` defaults; export preset "

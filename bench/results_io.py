@@ -1,11 +1,12 @@
 """Writing benchmark results: every file atomically, folders created; the
-one-line machine summary the reports print."""
+one-line machine summary and the provenance lines the reports print."""
 
 from __future__ import annotations
 
 import os
 import platform
 from pathlib import Path
+from typing import Any, Mapping
 
 
 def machine_summary(*, tensorflow: bool = False) -> str:
@@ -17,6 +18,23 @@ def machine_summary(*, tensorflow: bool = False) -> str:
 
         summary += f", TensorFlow {tf.__version__}"
     return summary
+
+
+def provenance(results: Mapping[str, Any], *,
+               default_command: str = "") -> list[str]:
+    """A Markdown report's "Command:" and "Machine:" lines.
+
+    They come from `results`' "command" (`default_command` without one)
+    and "machine", and its "date" and "seconds" (the run time) when it has
+    them; each line ends in a Markdown line break.
+    """
+    machine = str(results["machine"])
+    if "date" in results:
+        machine += f"; {results['date']}"
+    if "seconds" in results:
+        machine += f"; run {float(results['seconds']):.0f} s"
+    return [f"Command: `{results.get('command', default_command)}`  ",
+            f"Machine: {machine}.  "]
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -349,3 +349,15 @@ def test_a_methods_runs_do_not_depend_on_the_other_methods_run(tmp_path):
             "validation_accuracy", "validation_loss", "test_accuracy")
     assert [[r[k] for k in keys] for r in together] == [
         [r[k] for k in keys] for r in alone]
+
+
+def test_report_provenance_names_command_machine_date_and_run_time():
+    from results_io import provenance
+
+    full = provenance({"command": "python bench/x.py --flag", "machine":
+                       "x86_64, 2 CPU cores", "date": "2026-11-27",
+                       "seconds": 61.6})
+    assert full == ["Command: `python bench/x.py --flag`  ",
+                    "Machine: x86_64, 2 CPU cores; 2026-11-27; run 62 s.  "]
+    bare = provenance({"machine": "m"}, default_command="measure()")
+    assert bare == ["Command: `measure()`  ", "Machine: m.  "]
