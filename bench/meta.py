@@ -94,9 +94,12 @@ class Config:
     eval_inner_steps: int = 10
     inner_learning_rate: float = 0.1
     modulator_learning_rate: float | None = None
+    last_modulator_learning_rate: float | None = None
     learn_inner_rates: bool = False
     zero_head: bool = False
     adapt_batchnorm: bool = False
+    adapt_head: bool = True
+    last_filter_units: int | None = None
     first_order: bool = False
     outer_learning_rate: float = 1e-3
     finetune_steps: int = 100
@@ -141,6 +144,9 @@ def define_flags() -> None:
                        "km_maml: inner-loop step size of the modulators "
                        "(default: km_tf.meta's, 0.1 x "
                        "--inner_learning_rate).")
+    flags.DEFINE_float("last_modulator_learning_rate", None,
+                       "km_maml: inner-loop step size of the last "
+                       "convolution's modulator (default: as the others').")
     flags.DEFINE_bool("learn_inner_rates", defaults.learn_inner_rates,
                       "Meta-learners meta-learn one inner step size per "
                       "inner weight (MAML++-style), starting at the "
@@ -160,6 +166,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("adapt_batchnorm", defaults.adapt_batchnorm,
                       "km_maml: tasks also adapt BatchNorm's gamma and "
                       "beta.")
+    flags.DEFINE_bool("adapt_head", defaults.adapt_head,
+                      "km_maml: tasks adapt the head (--noadapt_head: only "
+                      "the modulators adapt).")
+    flags.DEFINE_integer("last_filter_units", None,
+                         "km_maml: the last convolution's modulator works "
+                         "on whole filters with this many hidden units.")
     flags.DEFINE_integer("hidden_units", None,
                          "Modulator hidden units (default: km_tf's).")
     flags.DEFINE_integer("eval_episodes", defaults.eval_episodes,
@@ -188,13 +200,16 @@ def config_from_flags() -> Config:
         eval_inner_steps=flag.eval_inner_steps,
         inner_learning_rate=flag.inner_learning_rate,
         modulator_learning_rate=flag.modulator_learning_rate,
+        last_modulator_learning_rate=flag.last_modulator_learning_rate,
         learn_inner_rates=flag.learn_inner_rates,
         zero_head=flag.zero_head, first_order=flag.first_order,
         outer_learning_rate=flag.outer_learning_rate,
         finetune_steps=flag.finetune_steps,
         finetune_learning_rate=flag.finetune_learning_rate,
         hidden_units=flag.hidden_units,
-        adapt_batchnorm=flag.adapt_batchnorm, eval_episodes=flag.eval_episodes,
+        adapt_batchnorm=flag.adapt_batchnorm, adapt_head=flag.adapt_head,
+        last_filter_units=flag.last_filter_units,
+        eval_episodes=flag.eval_episodes,
         log_every=flag.log_every, seed=flag.seed)
 
 
@@ -227,12 +242,16 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
             inner_steps=config.inner_steps,
             inner_learning_rate=config.inner_learning_rate,
             modulator_learning_rate=config.modulator_learning_rate,
+            last_modulator_learning_rate=(
+                config.last_modulator_learning_rate),
             learn_inner_rates=config.learn_inner_rates,
             zero_head=config.zero_head, first_order=config.first_order,
             eval_inner_steps=config.eval_inner_steps)
         extra = {}
         if method == "km_maml":
             extra["adapt_batchnorm"] = config.adapt_batchnorm
+            extra["adapt_head"] = config.adapt_head
+            extra["last_filter_units"] = config.last_filter_units
             if config.hidden_units:
                 extra["hidden_units"] = config.hidden_units
         learner = meta.make_learner(method, base, config.ways,
@@ -332,6 +351,14 @@ def markdown(results: dict[str, Any]) -> str:
                if config.get("learn_inner_rates") else "")
     if config.get("zero_head"):
         learned += "; every task's head starting at zero"
+    if config.get("last_filter_units"):
+        learned += (f"; the last convolution's modulator on whole filters, "
+                    f"{config['last_filter_units']} hidden units")
+    if config.get("last_modulator_learning_rate"):
+        learned += (f", stepping at "
+                    f"{config['last_modulator_learning_rate']}")
+    if not config.get("adapt_head", True):
+        learned += "; KM-MAML's tasks keep the meta-trained head"
     lines = [
         "# Few-shot meta-learning: KM-MAML, ANIL, MAML, fine-tuning",
         "",

@@ -106,6 +106,8 @@ def options_of(settings: dict[str, Any]) -> meta.MetaOptions:
         inner_steps=settings["inner_steps"],
         inner_learning_rate=settings["inner_learning_rate"],
         modulator_learning_rate=settings.get("modulator_learning_rate"),
+        last_modulator_learning_rate=settings.get(
+            "last_modulator_learning_rate"),
         eval_inner_steps=settings["eval_inner_steps"],
         zero_head=settings.get("zero_head", False))
 
@@ -124,9 +126,12 @@ def rebuild_learner(run_dir: str | os.PathLike, settings: dict[str, Any]
     base = models.build_model(
         settings["model"], settings["ways"], image_size=settings["image_size"],
         alpha=settings["alpha"], dropout=0.0)
-    modulation = ({key: settings[key] for key in (
-                      "hidden_units", "form", "filter_units",
-                      "adapt_batchnorm")}
+    # Runs older than an option recorded its default.
+    modulation = ({"adapt_head": settings.get("adapt_head", True),
+                   "last_filter_units": settings.get("last_filter_units"),
+                   **{key: settings[key] for key in (
+                       "hidden_units", "form", "filter_units",
+                       "adapt_batchnorm")}}
                   if method == "km_maml" else {})
     learner = meta.make_learner(method, base, settings["ways"],
                                 options=options_of(settings), **modulation)

@@ -10,7 +10,8 @@ that the result runs (and converts to TFLite) without any KM code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -42,6 +43,7 @@ def modulate(
     batchnorm: str = "train",
     head: Sequence[str] | None = None,
     skip: Sequence[str] = (),
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> keras.Model:
     """Returns a kernel-modulated copy of `model`, ready to train one task.
 
@@ -71,6 +73,12 @@ def modulate(
             modulators (the task's head). `None` means every layer with
             weights that is neither a convolution nor a BatchNorm layer.
         skip: Names of convolution layers to leave unmodulated and frozen.
+        overrides: Other modulator settings for some convolutions: `{layer
+            name: {"hidden_units"/"form"/"filter_units": value}}`, e.g.
+            `{"block4_conv": {"form": "filter", "filter_units": 8}}` (what
+            the few-shot learner gives the last convolution,
+            `km_tf.meta.km_maml(last_filter_units=8)`). Task files record
+            them.
 
     Returns:
         A new `keras.Model` with only the per-task variables trainable.
@@ -98,14 +106,16 @@ def modulate(
             f"{batchnorm!r}.{hint}")
     skip, head = set(skip), None if head is None else set(head)
     _check_modulatable(model, skip, head or set())
+    defaults = {"hidden_units": hidden_units, "form": form,
+                "filter_units": filter_units}
+    overrides = _checked_overrides(model, overrides or {}, skip, defaults)
 
     def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
         twin = _MODULATED_TWIN.get(type(layer))
         if twin is None or layer.name in skip:
             return _copy_layer(layer)
-        return twin.from_config({**layer.get_config(),
-                                 "hidden_units": hidden_units, "form": form,
-                                 "filter_units": filter_units})
+        return twin.from_config({**layer.get_config(), **defaults,
+                                 **overrides.get(layer.name, {})})
 
     modulated = clone_layers(model, clone_layer)
     copy_base_weights(model, modulated)
@@ -192,6 +202,34 @@ def clone_layers(model: keras.Model,
     if not clone.built:
         clone.build(model.inputs[0].shape if model.inputs else None)
     return clone
+
+
+def _checked_overrides(model: keras.Model,
+                       overrides: Mapping[str, Mapping[str, Any]],
+                       skip: set[str], defaults: dict[str, Any]
+                       ) -> dict[str, dict[str, Any]]:
+    """`modulate`'s `overrides`, checked and completed from `defaults`."""
+    modulated = {layer.name for _, layer in walk_layers(model)
+                 if type(layer) in _MODULATED_TWIN and layer.name not in skip}
+    checked = {}
+    for name, settings in overrides.items():
+        if name not in modulated:
+            raise ValueError(
+                f"`overrides` names {name!r}, which is not a convolution "
+                f"modulate() rewrites in {model.name!r} (skipped, another "
+                "kind of layer, or no layer of that name): name a Conv2D or "
+                "DepthwiseConv2D layer.")
+        unknown = set(settings) - set(_KM_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(
+                f"`overrides[{name!r}]` sets {sorted(unknown)}; a layer's "
+                f"modulator takes only {list(_KM_CONFIG_KEYS)}.")
+        completed = {**defaults, **settings}
+        check_modulator_options(completed["hidden_units"], completed["form"],
+                                completed["filter_units"])
+        if completed != defaults:
+            checked[name] = completed
+    return checked
 
 
 def _check_modulatable(model: keras.Model, skip: set[str],
@@ -284,9 +322,12 @@ def modulation_options(model: keras.Model) -> dict[str, Any]:
     the default rule picks the model's head (every layer with weights that
     is neither a convolution nor BatchNorm), so the options carry no
     auto-generated layer names; `skip` lists unmodulated convolutions.
+    `hidden_units`, `form` and `filter_units` are the settings most KM
+    layers have (the first of them on a tie), and `overrides` (`None` if
+    empty) the layers whose settings differ.
 
     Raises:
-        ValueError: `model` has no KM layer, or mixes modulator settings.
+        ValueError: `model` has no KM layer.
     """
     km_layers = [layer for _, layer in walk_layers(model)
                  if isinstance(layer, KM_LAYERS)]
@@ -295,15 +336,13 @@ def modulation_options(model: keras.Model) -> dict[str, Any]:
             f"Model {model.name!r} has no kernel-modulated layer: call "
             "km_tf.modulate(base) first."
         )
-    settings = {(layer.hidden_units, layer.form, layer.filter_units)
-                for layer in km_layers}
-    if len(settings) > 1:
-        raise ValueError(
-            f"Model {model.name!r} mixes modulator settings {sorted(settings)}"
-            "; km_tf task files expect one (hidden_units, form, filter_units) "
-            "per model."
-        )
-    (hidden_units, form, filter_units), = settings
+    settings = {layer.name: (layer.hidden_units, layer.form,
+                             layer.filter_units) for layer in km_layers}
+    (hidden_units, form, filter_units), _ = Counter(
+        settings.values()).most_common(1)[0]
+    overrides = {name: dict(zip(_KM_CONFIG_KEYS, own))
+                 for name, own in settings.items()
+                 if own != (hidden_units, form, filter_units)}
     batchnorms = [layer for _, layer in walk_layers(model)
                   if isinstance(layer, BATCHNORM_TYPES)]
     plain_convs = [layer.name for _, layer in walk_layers(model)
@@ -320,4 +359,5 @@ def modulation_options(model: keras.Model) -> dict[str, Any]:
         else "freeze",
         "head": None if head == default_head else head,
         "skip": plain_convs,
+        "overrides": overrides or None,
     }

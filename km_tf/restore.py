@@ -132,6 +132,9 @@ def _modulate_options(header: TaskHeader, base: keras.Model
     options["skip"] = [
         slots[slot][2].name for slot, entry in enumerate(header.layers)
         if entry["role"] == ROLE_FROZEN and is_convolution(slots[slot][2])]
+    options["overrides"] = {
+        slots[int(slot)][2].name: settings
+        for slot, settings in header.options.get("overrides", {}).items()}
     return options
 
 

@@ -9,7 +9,10 @@ names, which Keras generates anew for every model built in code:
     base_fingerprint       SHA-256 of the frozen base (`base_fingerprint`)
     options                modulate() options: hidden_units, form,
                            filter_units, batchnorm (and head / skip names
-                           only where the user chose them by name)
+                           only where the user chose them by name, and
+                           overrides, {slot: hidden_units, form,
+                           filter_units}, only for layers whose modulator
+                           settings differ)
     layers                 one entry per slot: path (informative), class,
                            role, weight shapes; head layers also carry
                            their Keras config, so that a head of another
@@ -118,6 +121,10 @@ def parse_header(text: str, source: str) -> TaskHeader:
         keys.add(entry["key"])
     if version >= 2:
         _check_layers(check, fields["layers"], fields["tensors"])
+        for slot in fields["options"].get("overrides", {}):
+            if int(slot) >= len(fields["layers"]):
+                raise check.error(f"options.overrides names slot {slot}, "
+                                  "which the network does not have")
     return TaskHeader(**fields)
 
 
@@ -132,13 +139,32 @@ def _check_options(check: _Checker, options: Any, version: int) -> None:
     # where the user chose them by name.
     required = set(_STRUCTURAL_OPTIONS) | (
         set() if version >= 2 else {"head", "skip"})
-    check.keys(options, set(_STRUCTURAL_OPTIONS) | {"head", "skip"},
+    check.keys(options, set(_STRUCTURAL_OPTIONS) | {"head", "skip",
+                                                     "overrides"},
                "options", required=required)
+    if "overrides" in options:
+        _check_overrides(check, options["overrides"])
     for name in ("head", "skip"):
         if name in options and options[name] is not None:
             check.sequence(options[name], f"options.{name}")
             if not all(isinstance(item, str) for item in options[name]):
                 raise check.error(f"options.{name} holds a non-string")
+
+
+def _check_overrides(check: _Checker, overrides: Any) -> None:
+    """`options.overrides`: `{slot (a string): {hidden_units, form,
+    filter_units}}`."""
+    check.mapping(overrides, "options.overrides")
+    for slot, settings in overrides.items():
+        where = f"options.overrides[{slot!r}]"
+        if not slot.isdigit():
+            raise check.error(f"{where} is not keyed by a slot number")
+        check.mapping(settings, where)
+        check.keys(settings, {"hidden_units", "form", "filter_units"}, where)
+        for name in ("hidden_units", "filter_units"):
+            check.integer(settings[name], f"{where}.{name}", minimum=1)
+        if not isinstance(settings["form"], str):
+            raise check.error(f"{where}.form is not a str")
 
 
 def _check_tensor(check: _Checker, entry: Any, where: str,

@@ -55,7 +55,8 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "TaskFileError", "TaskHeader",
 _HEADER_KEY = "header"
 # modulate() options that must agree between a task file and a model; which
 # layers are head or skipped is compared slot by slot instead.
-_MATCHED_OPTIONS = ("hidden_units", "form", "filter_units", "batchnorm")
+_MATCHED_OPTIONS = ("hidden_units", "form", "filter_units", "batchnorm",
+                    "overrides")
 
 PathLike = str | os.PathLike
 
@@ -180,7 +181,7 @@ def save_task(model: keras.Model, path: PathLike) -> TaskHeader:
                 f"Variable {item.path!r} holds NaN or infinite values, so the "
                 f"task is not saved to {os.fspath(path)!r}. Training "
                 "diverged: lower the learning rate and train again.")
-    options = modulation_options(model)
+    options = slot_overrides(model, modulation_options(model))
     header = TaskHeader(
         base_fingerprint=base_fingerprint(model),
         options={key: value for key, value in options.items()
@@ -215,14 +216,30 @@ def read_task_options(path: PathLike) -> dict[str, Any]:
 
     `head` and `skip` appear only where the task chose its layers by name;
     otherwise `modulate`'s defaults pick the same layers in any model of the
-    base's structure. To rebuild a task model (a head of another class count
-    included), use `km_tf.restore_task(base, path)`.
+    base's structure. Per-layer modulator settings (`modulate`'s
+    `overrides`) are recorded by slot, so they are left out here. To
+    rebuild a task model (a head of another class count and per-layer
+    settings included), use `km_tf.restore_task(base, path)`.
 
     Example:
     >>> km = km_tf.modulate(base, **km_tf.read_task_options("a.kmtask"))
     >>> km_tf.load_task(km, "a.kmtask")
     """
-    return dict(read_task_header(path).options)
+    options = dict(read_task_header(path).options)
+    options.pop("overrides", None)
+    return options
+
+
+def slot_overrides(model: keras.Model, options: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """`modulation_options` with its `overrides` keyed by slot (a string,
+    as JSON keys are), the way task files record them."""
+    if not options.get("overrides"):
+        return options
+    slots = {layer.name: slot for slot, _, layer in weighted_layers(model)}
+    return {**options, "overrides": {
+        str(slots[name]): settings
+        for name, settings in options["overrides"].items()}}
 
 
 def load_task(model: keras.Model, path: PathLike) -> TaskHeader:
@@ -418,7 +435,7 @@ def _read_header(archive: zipfile.ZipFile, path: PathLike) -> TaskHeader:
 def _check_options(header: TaskHeader, model: keras.Model,
                    path: PathLike) -> None:
     """The modulator options of the file and the model agree."""
-    options = modulation_options(model)
+    options = slot_overrides(model, modulation_options(model))
     names = _MATCHED_OPTIONS
     if header.version == 1:  # It matched head and skipped layers by name.
         names = tuple(header.options)

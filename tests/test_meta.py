@@ -367,6 +367,52 @@ def test_modulators_step_at_their_own_inner_rate():
         meta.MetaOptions(modulator_learning_rate=0.0)
 
 
+def test_body_only_tasks_step_the_last_filter_modulator_at_its_rate():
+    """adapt_head=False: tasks adapt the modulators alone and the head is
+    meta-trained; last_filter_units puts a filter-form modulator on the
+    last convolution, stepping at last_modulator_learning_rate."""
+    episode = sampler().episode(0)
+    steps, learners = {}, {}
+    for last_rate in (0.05, None):
+        keras.utils.set_random_seed(0)
+        learner = meta.km_maml(
+            tiny_base(), WAYS, hidden_units=4, adapt_head=False,
+            last_filter_units=3, options=meta.MetaOptions(
+                inner_learning_rate=0.01, modulator_learning_rate=0.01,
+                last_modulator_learning_rate=last_rate))
+        randomize_modulators(learner.model)
+        values = learner.parameter_values()
+        adapted = learner.adapt(values, episode.support_images,
+                                episode.support_labels, steps=1)
+        steps[last_rate] = {v.path: numpy(new) - numpy(old) for v, old, new
+                            in zip(learner.parameters, values, adapted)}
+        learners[last_rate] = learner
+    learner = learners[0.05]
+    project = learner.model.get_layer("project")
+    assert (project.form, project.filter_units) == ("filter", 3)
+    assert learner.model.get_layer("stem").form == "hybrid"
+    head = {id(v) for v in meta.head_variables(learner.model)}
+    assert head and not head & {id(v) for v in learner.inner_variables}
+    assert head <= {id(v) for v in learner.outer_variables}
+    moved = {path for path, step in steps[0.05].items() if np.any(step)}
+    assert moved == {v.path for v in learner.inner_variables}
+    assert all("/modulator/" in path for path in moved)
+    for path in moved:
+        factor = 5.0 if path.startswith("project/") else 1.0
+        np.testing.assert_allclose(steps[0.05][path],
+                                   factor * steps[None][path],
+                                   rtol=1e-3, atol=1e-7, err_msg=path)
+    before = [numpy(v).copy() for v in meta.head_variables(learner.model)]
+    learner.meta_train_step(episode_batch())
+    assert all(not np.array_equal(numpy(v), old) for v, old in
+               zip(meta.head_variables(learner.model), before))
+    with pytest.raises(ValueError, match="last_modulator_learning_rate"):
+        meta.MetaOptions(last_modulator_learning_rate=-1.0)
+    with pytest.raises(ValueError, match="must adapt the whole head"):
+        meta.km_maml(tiny_base(), WAYS, adapt_head=False,
+                     options=meta.MetaOptions(zero_head=True))
+
+
 def test_an_outer_step_meta_trains_base_kernels_and_modulator_init():
     learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
                            options=options())
@@ -554,12 +600,14 @@ def test_first_order_gradients_are_query_gradients_at_adapted_weights():
                                    err_msg=variable.path)
 
 
-@pytest.mark.parametrize("adapt_batchnorm", [False, True])
-def test_an_adapted_task_saves_and_restores_as_a_task_file(tmp_path,
-                                                          adapt_batchnorm):
+@pytest.mark.parametrize("adapt_batchnorm, last_filter_units",
+                         [(False, None), (True, None), (False, 3)])
+def test_an_adapted_task_saves_and_restores_as_a_task_file(
+        tmp_path, adapt_batchnorm, last_filter_units):
     base = tiny_base()
     learner = meta.km_maml(base, WAYS, hidden_units=4, options=options(),
-                           adapt_batchnorm=adapt_batchnorm)
+                           adapt_batchnorm=adapt_batchnorm,
+                           last_filter_units=last_filter_units)
     learner.meta_train_step(episode_batch())
     meta_base = meta.meta_trained_base(learner)
     assert not any(isinstance(layer, KM_LAYERS)

@@ -37,6 +37,9 @@ TINY = [f"--data={DATA}", f"--image_size={SIZE}", "--alpha=0.125",
         "--inner_steps=1", "--hidden_units=4", f"--meta_steps={STEPS}",
         "--log_every=2", "--checkpoint_every=2", "--eval_every=6",
         "--val_episodes=3", "--eval_episodes=6"]
+# Tasks adapt the modulators alone, the last one filter-form and faster.
+BODY_ONLY = ["--noadapt_head", "--last_filter_units=3",
+             "--last_modulator_learning_rate=1.0"]
 BAD_FLAGS = {
     # ogham, the meta-test script, has 26 letters.
     "ways": (["--ways=30"], "meta-test split of 'glyphs:nko/old_italic/"
@@ -92,6 +95,7 @@ def runs(tmp_path_factory):
     processes = {
         "plain": start(root / "plain", log=root / "plain.log"),
         "maml": start(root / "maml", "--method=maml"),
+        "body_only": start(root / "body_only", *BODY_ONLY),
         "distributed": start(root / "distributed", "--strategy=mirrored",
                              "--cpu_replicas=2"),
         **{f"worker{index}": start(root / "workers",
@@ -252,18 +256,22 @@ def test_run_logs_a_line_per_interval_and_reports(runs):
         text)
 
 
-def test_the_adapted_example_task_restores_with_restore_task(runs):
+@pytest.mark.parametrize("name", ["plain", "body_only"])
+def test_the_adapted_example_task_restores_with_restore_task(runs, name):
     import keras
 
     import km_tf
     from km_tf.meta import pools as meta_pools
 
-    out = runs["root"] / "plain"
-    finish(runs["processes"]["plain"])
+    out = runs["root"] / name
+    finish(runs["processes"][name])
     example = report(out)["outputs"]["example_task"]
     assert example["statistics"] == "support"
     base = keras.saving.load_model(out / "meta_base.keras")
     task = km_tf.restore_task(base, out / "example_task.kmtask")
+    last = task.get_layer("block4_conv")
+    assert (last.form, last.filter_units) == (
+        ("filter", 3) if name == "body_only" else ("hybrid", 1))
     pools = meta_pools.load_pools(DATA, SIZE)
     episode = pools.sampler("test", ways=WAYS, shots=1, queries=2,
                             seed=example["episode_seed"]).episode(0)
@@ -272,6 +280,23 @@ def test_the_adapted_example_task_restores_with_restore_task(runs):
         example["query_accuracy"])
     # The meta-learned initialisation is a task file of the same base.
     km_tf.restore_task(base, out / "meta_init.kmtask")
+
+
+def test_body_only_tasks_adapt_the_modulators_at_their_rates(runs):
+    out = runs["root"] / "body_only"
+    finish(runs["processes"]["body_only"])
+    result = report(out)
+    settings = result["settings"]
+    assert (settings["adapt_head"], settings["last_filter_units"],
+            settings["last_modulator_learning_rate"]) == (False, 3, 1.0)
+    rates = {rate["variable"]: rate["rate"] for rate in result["inner_rates"]}
+    assert all("/modulator/" in variable for variable in rates), rates
+    assert {rate for variable, rate in rates.items()
+            if variable.startswith("block4_conv/")} == {1.0}
+    assert {rate for variable, rate in rates.items()
+            if not variable.startswith("block4_conv/")} == {0.01}
+    assert result["task_storage"]["contents"] == (
+        "modulators + batchnorm statistics")
 
 
 def run_adaptation_bench(run_dir: Path, stem: Path, *flags: str
@@ -283,10 +308,9 @@ def run_adaptation_bench(run_dir: Path, stem: Path, *flags: str
         env=ENVIRONMENT, timeout=600, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("method", ["km_maml", "maml"])
+@pytest.mark.parametrize("name", ["plain", "maml", "body_only"])
 def test_adaptation_bench_scores_a_run_with_parts_of_its_network(
-        runs, tmp_path, method):
-    name = "plain" if method == "km_maml" else method
+        runs, tmp_path, name):
     out = runs["root"] / name
     finish(runs["processes"][name])
     stem = tmp_path / "adaptation"
@@ -307,13 +331,14 @@ def test_adaptation_bench_scores_a_run_with_parts_of_its_network(
                 adaptation[statistics]["accuracy"]
                 - as_trained[statistics]["accuracy"], abs=1e-4)
     # What each adaptation adapts: km_maml a convolution's modulator (4
-    # hidden units over 3x3 units), maml its kernel (8 filters of 3x3x8,
-    # no bias: BatchNorm follows).
+    # hidden units over 3x3 units; body_only's last one: 3 over 3x3x8
+    # filters), maml its kernel (8 filters of 3x3x8, no bias: BatchNorm
+    # follows).
     weights = results["adapted_weights"]
     head = weights["head only"]
     own = weights["head + block4_conv"] - head
-    assert own == (3 * 3 * 8 * 8 if method == "maml"
-                   else 2 * 4 * 9 + 4 + 9), own
+    assert own == {"maml": 3 * 3 * 8 * 8, "plain": 2 * 4 * 9 + 4 + 9,
+                   "body_only": 2 * 3 * 72 + 3 + 72}[name], own
     assert weights["as meta-trained"] > weights["head + block4_conv"]
     assert "## Meta-test" in stem.with_suffix(".md").read_text()
 

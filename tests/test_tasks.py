@@ -407,3 +407,79 @@ def test_task_file_gets_the_mode_open_would_give(trained_task, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "shared.kmtask").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.fixture(scope="module")
+def override_task(base, tmp_path_factory):
+    """A trained task whose last convolution has a filter-form modulator of
+    its own width (a per-layer override), and its file."""
+    path = tmp_path_factory.mktemp("override") / "override.kmtask"
+    km = km_tf.modulate(base, hidden_units=8, overrides={
+        "dilated": {"form": "filter", "filter_units": 3}})
+    km.compile(keras.optimizers.Adam(0.05),
+               keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    km.fit(random_images(), random_labels(), epochs=2, verbose=0)
+    km_tf.save_task(km, path)
+    return km, path
+
+
+def test_per_layer_overrides_are_recorded_by_slot_and_restored(
+        base, override_task):
+    km, path = override_task
+    layers = {layer.name: layer for layer in km.layers}
+    assert (layers["dilated"].form, layers["dilated"].filter_units) == (
+        "filter", 3)
+    assert (layers["stem"].form, layers["project"].filter_units) == (
+        "hybrid", 1)
+    slot = next(slot for slot, _, layer in km_tf.walk.weighted_layers(km)
+                if layer.name == "dilated")
+    options = km_tf.read_task_header(path).options
+    assert options["overrides"] == {str(slot): {
+        "hidden_units": 8, "form": "filter", "filter_units": 3}}
+    assert "overrides" not in km_tf.read_task_options(path)
+    # A base rebuilt in code (other layer names) gets the same layout.
+    rebuilt = small_convnet(name="rebuilt")
+    rebuilt.set_weights(base.get_weights())
+    restored = km_tf.restore_task(rebuilt, path)
+    images = random_images(seed=4)
+    np.testing.assert_array_equal(_numpy(restored(images)),
+                                  _numpy(km(images)))
+    # A model without the override is refused, naming the difference.
+    plain = km_tf.modulate(base, hidden_units=8)
+    with pytest.raises(km_tf.TaskFileError, match="overrides: file"):
+        km_tf.load_task(plain, path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"head": {"form": "filter"}}, "'head', which is not a convolution"),
+    ({"nowhere": {"form": "filter"}}, "'nowhere', which is not a conv"),
+    ({"dilated": {"rate": 2}}, r"sets \['rate'\]"),
+    ({"dilated": {"filter_units": 0}}, "filter_units.*positive"),
+    ({"dilated": {"form": "diagonal"}}, "Unknown modulator form"),
+])
+def test_bad_overrides_are_refused_naming_the_fix(base, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        km_tf.modulate(base, overrides=overrides)
+
+
+def test_overrides_equal_to_the_defaults_change_nothing(base):
+    km = km_tf.modulate(base, overrides={"dilated": {"form": "hybrid"}})
+    assert km_tf.convert.modulation_options(km)["overrides"] is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda o: o.update(overrides=[]), "overrides is not a JSON object"),
+    (lambda o: o.update(overrides={"x": {}}), "not keyed by a slot"),
+    (lambda o: o.update(overrides={"99": {
+        "hidden_units": 8, "form": "filter", "filter_units": 3}}),
+     "slot 99"),
+    (lambda o: o["overrides"][next(iter(o["overrides"]))].pop("form"),
+     "lacks"),
+])
+def test_tampered_overrides_are_a_task_file_error(base, override_task,
+                                                  tmp_path, edit, message):
+    broken = _rewrite(override_task[1], tmp_path / "tampered.npz",
+                      lambda header, arrays: edit(header["options"]))
+    with pytest.raises(km_tf.TaskFileError,
+                       match=f"malformed header.*{message}"):
+        km_tf.restore_task(base, broken)

@@ -115,6 +115,9 @@ flags.DEFINE_float("inner_learning_rate", 0.1, "Step size of the inner "
 flags.DEFINE_float("modulator_learning_rate", None, "km_maml: inner-loop "
                    "step size of the modulators (default: 0.1 x "
                    "--inner_learning_rate, measured in BUILD.md).")
+flags.DEFINE_float("last_modulator_learning_rate", None, "km_maml: "
+                   "inner-loop step size of the last convolution's "
+                   "modulator (default: as the other modulators').")
 flags.DEFINE_boolean("learn_inner_rates", False, "Meta-learn one inner "
                      "step size per inner weight, starting at the rates "
                      "above (MAML++-style per-layer rates; second-order "
@@ -143,6 +146,13 @@ flags.DEFINE_integer("filter_units", layers.DEFAULT_FILTER_UNITS,
                      "Hidden width of the modulators of whole-filter units.")
 flags.DEFINE_enum("form", layers.DEFAULT_FORM, list(layers.MODULATOR_FORMS),
                   "Modulator unit (see km-train --help).")
+flags.DEFINE_integer("last_filter_units", None, "km_maml: the last "
+                     "convolution's modulator works on whole filters with "
+                     "this many hidden units (default: as the others).",
+                     lower_bound=1)
+flags.DEFINE_boolean("adapt_head", True, "km_maml: tasks adapt the head; "
+                     "--noadapt_head: only the modulators adapt, the head "
+                     "is meta-trained and shared by every task.")
 flags.DEFINE_boolean("adapt_batchnorm", False, "km_maml: tasks also adapt "
                      "BatchNorm's gamma and beta (their files hold "
                      "BatchNorm, as a km-train task with --batchnorm=train).")
@@ -268,6 +278,7 @@ def _options() -> meta.MetaOptions:
         inner_steps=FLAGS.inner_steps,
         inner_learning_rate=FLAGS.inner_learning_rate,
         modulator_learning_rate=FLAGS.modulator_learning_rate,
+        last_modulator_learning_rate=FLAGS.last_modulator_learning_rate,
         learn_inner_rates=FLAGS.learn_inner_rates,
         first_order=FLAGS.first_order,
         eval_inner_steps=FLAGS.eval_inner_steps,
@@ -292,7 +303,9 @@ def build(pools: meta_pools.MetaPools) -> Setup:
         dropout=0.0, bn_momentum=FLAGS.bn_momentum)
     modulation = ({"hidden_units": FLAGS.hidden_units,
                    "filter_units": FLAGS.filter_units, "form": FLAGS.form,
-                   "adapt_batchnorm": FLAGS.adapt_batchnorm}
+                   "adapt_batchnorm": FLAGS.adapt_batchnorm,
+                   "adapt_head": FLAGS.adapt_head,
+                   "last_filter_units": FLAGS.last_filter_units}
                   if FLAGS.method == "km_maml" else {})
     learner = meta.make_learner(FLAGS.method, base, FLAGS.ways,
                                 options=_options(), optimizer=optimizer,
@@ -484,7 +497,9 @@ def _settings(strategy: tf.distribute.Strategy) -> dict[str, Any]:
              "outer_learning_rate", "meta_steps", "seed", "strategy"]
     if FLAGS.method == "km_maml":
         names += ["hidden_units", "filter_units", "form", "adapt_batchnorm",
-                  "modulator_learning_rate", "task_statistics"]
+                  "adapt_head", "last_filter_units",
+                  "modulator_learning_rate", "last_modulator_learning_rate",
+                  "task_statistics"]
     if FLAGS.method == "finetune":
         names += ["finetune_layers"]
     settings = {name: FLAGS[name].value for name in names}

@@ -115,7 +115,14 @@ def save_adapted_task(learner: MetaLearner, values: Sequence[tf.Tensor],
     roles = {item.role for item in task_variables(learner.model)
              if id(item.variable) in adapted}
     own_batchnorm = ROLE_BATCHNORM in roles or bool(statistics)
+    # Per-layer settings go by slot: `base` may name its layers otherwise.
+    slots = {layer.name: slot
+             for slot, _, layer in weighted_layers(learner.model)}
+    names = [layer.name for _, _, layer in weighted_layers(base)]
+    overrides = {names[slots[name]]: settings for name, settings in
+                 (options["overrides"] or {}).items()}
     task = modulate(base, batchnorm="train" if own_batchnorm else "freeze",
+                    overrides=overrides,
                     **{key: options[key] for key in
                        ("hidden_units", "form", "filter_units")})
     _check_base(learner.model, task)

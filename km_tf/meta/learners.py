@@ -119,6 +119,13 @@ class MetaOptions:
             `inner_learning_rate`. Measured on the offline glyph split
             (BUILD.md, "Few-shot meta-learning"): one rate for modulators
             and head gave 91.5 / 92.8% at 1 / 5 shots, 0.1x 93.8 / 96.3%.
+        last_modulator_learning_rate: Inner step size of the last
+            modulated convolution's modulator; `None`: as the other
+            modulators'. MAML's tasks rewrite the last convolution and
+            little else (BUILD.md, "Few-shot meta-learning"); a KM-MAML
+            whose last modulator is a filter-form one
+            (`km_maml(last_filter_units=8)`) stepping at 1.0 matches MAML
+            there.
         learn_inner_rates: Meta-learn the inner step sizes: one per inner
             variable (per layer weight, as MAML++'s per-layer rates,
             Antoniou et al., 2019, without their per-step ones, so any
@@ -143,6 +150,7 @@ class MetaOptions:
     eval_inner_steps: int | None = None
     batch_statistics: bool = True
     modulator_learning_rate: float | None = None
+    last_modulator_learning_rate: float | None = None
     learn_inner_rates: bool = False
     zero_head: bool = False
 
@@ -155,7 +163,8 @@ class MetaOptions:
                     value < 0):
                 raise ValueError(
                     f"`{name}` must be an integer >= 0; got {value!r}.")
-        for name in ("inner_learning_rate", "modulator_learning_rate"):
+        for name in ("inner_learning_rate", "modulator_learning_rate",
+                     "last_modulator_learning_rate"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"`{name}` must be positive; got "
@@ -167,10 +176,13 @@ class MetaOptions:
                 "would get none): set first_order=False, or keep the rates "
                 "fixed.")
 
-    def inner_rate(self, role: str) -> float:
-        """Inner step size of a variable of this `km_tf.walk` role."""
+    def inner_rate(self, role: str, *, last: bool = False) -> float:
+        """Inner step size of a variable of this `km_tf.walk` role (`last`:
+        of the last modulated convolution)."""
         if role != ROLE_MODULATED:
             return self.inner_learning_rate
+        if last and self.last_modulator_learning_rate is not None:
+            return self.last_modulator_learning_rate
         if self.modulator_learning_rate is None:
             return MODULATOR_RATE_FACTOR * self.inner_learning_rate
         return self.modulator_learning_rate
@@ -278,7 +290,12 @@ class MetaLearner:
                 keras.ops.zeros_like(self.parameters[i]))
         roles = {id(item.variable): item.role
                  for item in task_variables(model)}
-        self._inner_rates = [options.inner_rate(roles.get(id(v), ""))
+        modulated = [layer for _, layer in walk_layers(model)
+                     if isinstance(layer, KM_LAYERS)]
+        last = {id(v) for v in (modulated[-1].modulator.weights
+                                if modulated else ())}
+        self._inner_rates = [options.inner_rate(roles.get(id(v), ""),
+                                                last=id(v) in last)
                              for v in self.inner_variables]
         self.inner_rates = None
         if options.learn_inner_rates:
@@ -673,7 +690,9 @@ def km_maml(base: keras.Model, ways: int, *,
             hidden_units: int = DEFAULT_HIDDEN_UNITS,
             form: str = DEFAULT_FORM,
             filter_units: int = DEFAULT_FILTER_UNITS,
-            adapt_batchnorm: bool = False) -> MetaLearner:
+            adapt_batchnorm: bool = False,
+            adapt_head: bool = True,
+            last_filter_units: int | None = None) -> MetaLearner:
     """KM-MAML: tasks adapt modulators and head; meta-training trains all.
 
     The model is `km_tf.modulate(base with a ways-class head,
@@ -696,14 +715,35 @@ def km_maml(base: keras.Model, ways: int, *,
         filter_units: Hidden width of filter-unit modulators.
         adapt_batchnorm: Tasks also adapt BatchNorm's gamma and beta (two
             values per channel), so their files hold BatchNorm too.
+        adapt_head: Tasks adapt the head. `False`: only the modulators
+            (and BatchNorm, if asked) adapt, and the head is meta-trained
+            like the base and the same in every task (body-only adaptation,
+            BOIL: Oh et al., 2021), so the modulators must carry each
+            task.
+        last_filter_units: If given, the last convolution's modulator works
+            on whole filters with this many hidden units (a per-layer
+            `modulate` override): a step on it changes the layer's channel
+            mixing by a rank-`last_filter_units` product, the shape of
+            MAML's per-task change there (BUILD.md).
 
     Returns:
         The `MetaLearner`.
     """
-    model = modulate(replace_head(base, ways, head_layer=head_layer),
-                     hidden_units=hidden_units, form=form,
-                     filter_units=filter_units, batchnorm="train")
-    roles = (ROLE_MODULATED, ROLE_HEAD) + (
+    task_base = replace_head(base, ways, head_layer=head_layer)
+    overrides = {}
+    if last_filter_units is not None:
+        convolutions = [layer.name for _, layer in walk_layers(task_base)
+                        if isinstance(layer, keras.layers.Conv2D)]
+        if not convolutions:
+            raise ValueError(
+                "`last_filter_units` sets the last Conv2D's modulator, but "
+                f"{base.name!r} has no Conv2D layer.")
+        overrides[convolutions[-1]] = {"form": "filter",
+                                       "filter_units": last_filter_units}
+    model = modulate(task_base, hidden_units=hidden_units, form=form,
+                     filter_units=filter_units, batchnorm="train",
+                     overrides=overrides)
+    roles = (ROLE_MODULATED,) + ((ROLE_HEAD,) if adapt_head else ()) + (
         (ROLE_BATCHNORM,) if adapt_batchnorm else ())
     inner = [item.variable for item in task_variables(model)
              if item.role in roles and item.variable.trainable]
