@@ -343,6 +343,37 @@ def test_adaptation_bench_scores_a_run_with_parts_of_its_network(
     assert "## Meta-test" in stem.with_suffix(".md").read_text()
 
 
+def test_task_rank_bench_truncates_the_last_kernels_change(runs, tmp_path):
+    out = runs["root"] / "maml"
+    finish(runs["processes"]["maml"])
+    stem = tmp_path / "rank"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "meta_task_rank.py"),
+         f"--run_dir={out}", "--episodes=6", f"--output={stem}"],
+        env=ENVIRONMENT, timeout=600, capture_output=True,
+        text=True).check_returncode()
+    results = json.loads(stem.with_suffix(".json").read_text())
+    assert results["layer"] == "block4_conv"
+    assert results["change_shape"] == [3, 3, 8, 8]
+    ranks = results["rank"]
+    # Rank 0 keeps the meta-trained kernel; rank 8 (every filter) is the
+    # whole change, so it scores what the whole change scores.
+    assert ranks["0"]["energy"] == 0.0
+    assert ranks["8"]["energy"] == pytest.approx(1.0)
+    assert ranks["8"]["accuracy"] == pytest.approx(
+        results["full_change"]["accuracy"])
+    # At most as many shared directions as meta-validation changes.
+    assert [int(k) for k in results["shared"]] == [0, 4]
+    assert "| rank 4 |" in stem.with_suffix(".md").read_text()
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "meta_task_rank.py"),
+         f"--run_dir={runs['root'] / 'plain'}", "--episodes=6",
+         f"--output={stem}"], env=ENVIRONMENT, timeout=600,
+        capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "Pass a --method=maml run" in refused.stderr
+
+
 def test_adaptation_bench_refuses_an_unfinished_run(runs, tmp_path):
     failed = run_adaptation_bench(runs["root"] / "missing",
                                   tmp_path / "adaptation")
