@@ -11,7 +11,8 @@ optimizer (a Keras optimizer) updates the initial weights.
 
     method      inner loop adapts          outer loop meta-trains
     km_maml     modulators + head (+ BN    base kernels and biases, BN
-                gamma/beta if asked)       gamma/beta, modulators, head
+                gamma/beta if asked; the   gamma/beta, modulators, head
+                head not, if asked)
     anil        head                       everything trainable
     maml        everything trainable       everything trainable
     finetune    head (or everything)       nothing (a pretrained base)
@@ -122,10 +123,10 @@ class MetaOptions:
         last_modulator_learning_rate: Inner step size of the last
             modulated convolution's modulator; `None`: as the other
             modulators'. MAML's tasks rewrite the last convolution and
-            little else (BUILD.md, "Few-shot meta-learning"); a KM-MAML
-            whose last modulator is a filter-form one
-            (`km_maml(last_filter_units=8)`) stepping at 1.0 matches MAML
-            there.
+            little else (BUILD.md, "Few-shot meta-learning"); a body-only
+            KM-MAML whose last modulator is a filter-form one
+            (`km_maml(adapt_head=False, last_filter_units=8)`) stepping at
+            1.0, the others at 0.1, is level with MAML there at 1 shot.
         learn_inner_rates: Meta-learn the inner step sizes: one per inner
             variable (per layer weight, as MAML++'s per-layer rates,
             Antoniou et al., 2019, without their per-step ones, so any
