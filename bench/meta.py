@@ -52,7 +52,6 @@ a method mid-way (km-meta-train does, for long single runs).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -70,7 +69,7 @@ from km_tf import meta, models  # noqa: E402
 from km_tf.meta import loop, pools as meta_pools  # noqa: E402
 from determinism import THREADS_HELP, make_reproducible  # noqa: E402
 from results_io import (  # noqa: E402
-    machine_summary, provenance, write_results)
+    machine_summary, provenance, write_report)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("km_maml", "anil", "maml", "finetune")
@@ -430,8 +429,7 @@ def _modulator_rate(config: dict[str, Any]) -> float:
 
 def write(results: dict[str, Any], stem: str | os.PathLike) -> None:
     """`<stem>.json` and `<stem>.md`, atomically."""
-    write_results(stem, {".json": json.dumps(results, indent=2) + "\n",
-                         ".md": markdown(results)})
+    write_report(stem, results, markdown)
 
 
 def main(argv):

@@ -55,7 +55,7 @@ from km_tf.walk import BATCHNORM_TYPES, is_convolution, walk_layers  # noqa: E40
 
 from determinism import THREADS_HELP, make_reproducible  # noqa: E402
 from results_io import (  # noqa: E402
-    machine_summary, provenance, write_results)
+    machine_summary, provenance, write_report)
 
 METHODS = ("km_maml", "maml", "anil")
 SPLITS = ("validation", "test")
@@ -258,10 +258,7 @@ def main(argv):
     make_reproducible(flags.FLAGS.threads)
     results = measure(flags.FLAGS.run_dir, flags.FLAGS.episodes)
     results = {"command": " ".join(["python", *sys.argv]), **results}
-    write_results(flags.FLAGS.output, {
-        ".json": json.dumps(results, indent=2) + "\n",
-        ".md": markdown(results)})
-    print(markdown(results))
+    print(write_report(flags.FLAGS.output, results, markdown))
 
 
 if __name__ == "__main__":

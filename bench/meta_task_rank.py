@@ -32,7 +32,6 @@ Writes `<output>.json` and `<output>.md`.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -52,7 +51,7 @@ from km_tf.walk import walk_layers  # noqa: E402
 from determinism import THREADS_HELP, make_reproducible  # noqa: E402
 from meta_adaptation import read_run, rebuild_learner  # noqa: E402
 from results_io import (  # noqa: E402
-    machine_summary, provenance, write_results)
+    machine_summary, provenance, write_report)
 
 RANKS = (0, 1, 2, 3, 4, 5, 6, 8, 16)
 SHARED_DIMENSIONS = (0, 4, 16, 32, 64, 128, 256)
@@ -218,10 +217,7 @@ def main(argv):
     make_reproducible(flags.FLAGS.threads)
     results = measure(flags.FLAGS.run_dir, flags.FLAGS.episodes)
     results = {"command": " ".join(["python", *sys.argv]), **results}
-    write_results(flags.FLAGS.output, {
-        ".json": json.dumps(results, indent=2) + "\n",
-        ".md": markdown(results)})
-    print(markdown(results))
+    print(write_report(flags.FLAGS.output, results, markdown))
 
 
 if __name__ == "__main__":

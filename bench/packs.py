@@ -32,7 +32,6 @@ Writes `<output>.json` and `<output>.md` (default bench/results/packs.*).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from km_tf import models  # noqa: E402
 from km_tf.deploy import applier, export, formats  # noqa: E402
 from km_tf.export.litert import LiteRTModel  # noqa: E402
 from results_io import (  # noqa: E402
-    machine_summary, provenance, write_results)
+    machine_summary, provenance, write_report)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHNORM_MODES = ("train", "freeze")  # Per-task BatchNorm, the base's.
@@ -422,10 +421,7 @@ def main(argv):
     del argv
     results = measure(config_from_flags())
     results = {"command": " ".join(["python", *sys.argv]), **results}
-    text = markdown(results)
-    write_results(flags.FLAGS.output, {
-        ".json": json.dumps(results, indent=2), ".md": text})
-    print(text)
+    print(write_report(flags.FLAGS.output, results, markdown))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@ one-line machine summary and the provenance lines the reports print."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 def machine_summary(*, tensorflow: bool = False) -> str:
@@ -50,3 +51,13 @@ def write_results(stem: str | os.PathLike, texts: dict[str, str]) -> None:
     """Writes `{suffix: text}` next to each other, e.g. stem.json, stem.md."""
     for suffix, text in texts.items():
         write_text(Path(stem).with_suffix(suffix), text)
+
+
+def write_report(stem: str | os.PathLike, results: dict[str, Any],
+                 markdown: Callable[[dict[str, Any]], str]) -> str:
+    """Writes `results` as `<stem>.json` and `markdown(results)` as
+    `<stem>.md`; returns the Markdown text."""
+    text = markdown(results)
+    write_results(stem, {".json": json.dumps(results, indent=2) + "\n",
+                         ".md": text})
+    return text
