@@ -22,7 +22,8 @@ import keras
 from km_tf.convert import clone_layers, modulate
 from km_tf.task_header import TaskFileError, TaskHeader
 from km_tf.tasks import (PathLike, config_as_json, first_layout_difference,
-                         layer_layout, load_task, read_task_header)
+                         layer_layout, load_task, named_overrides,
+                         read_task_header)
 from km_tf.walk import (ROLE_FROZEN, is_convolution, walk_layers,
                         weighted_layers)
 
@@ -132,9 +133,8 @@ def _modulate_options(header: TaskHeader, base: keras.Model
     options["skip"] = [
         slots[slot][2].name for slot, entry in enumerate(header.layers)
         if entry["role"] == ROLE_FROZEN and is_convolution(slots[slot][2])]
-    options["overrides"] = {
-        slots[int(slot)][2].name: settings
-        for slot, settings in header.options.get("overrides", {}).items()}
+    options["overrides"] = named_overrides(
+        base, header.options.get("overrides", {}))
     return options
 
 

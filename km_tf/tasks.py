@@ -242,6 +242,16 @@ def slot_overrides(model: keras.Model, options: dict[str, Any]
         for name, settings in options["overrides"].items()}}
 
 
+def named_overrides(model: keras.Model,
+                    overrides: dict[str, dict[str, Any]]
+                    ) -> dict[str, dict[str, Any]]:
+    """Overrides keyed by slot (`slot_overrides`) keyed by `model`'s layer
+    names instead, as `modulate` takes them."""
+    slots = weighted_layers(model)
+    return {slots[int(slot)][2].name: settings
+            for slot, settings in overrides.items()}
+
+
 def load_task(model: keras.Model, path: PathLike) -> TaskHeader:
     """Loads a task file into a KM model built on the same base.
 

@@ -30,7 +30,8 @@ from km_tf.convert import (clone_layers, copy_base_weights, modulate,
 from km_tf.layers import KM_LAYERS
 from km_tf.meta.learners import MetaLearner
 from km_tf.task_header import TaskHeader
-from km_tf.tasks import PathLike, save_task, task_variables
+from km_tf.tasks import (PathLike, named_overrides, save_task, slot_overrides,
+                         task_variables)
 from km_tf.walk import (ROLE_BATCHNORM, ROLE_HEAD, layer_role, walk_layers,
                          weighted_layers)
 
@@ -116,11 +117,8 @@ def save_adapted_task(learner: MetaLearner, values: Sequence[tf.Tensor],
              if id(item.variable) in adapted}
     own_batchnorm = ROLE_BATCHNORM in roles or bool(statistics)
     # Per-layer settings go by slot: `base` may name its layers otherwise.
-    slots = {layer.name: slot
-             for slot, _, layer in weighted_layers(learner.model)}
-    names = [layer.name for _, _, layer in weighted_layers(base)]
-    overrides = {names[slots[name]]: settings for name, settings in
-                 (options["overrides"] or {}).items()}
+    overrides = named_overrides(base, slot_overrides(
+        learner.model, options)["overrides"] or {})
     task = modulate(base, batchnorm="train" if own_batchnorm else "freeze",
                     overrides=overrides,
                     **{key: options[key] for key in
