@@ -16,7 +16,7 @@ the same --eval_episodes meta-test episodes for every method (mean accuracy
 and its 95% confidence interval, `km_tf.meta.mean_confidence_interval`).
 
     method      a task adapts                  meta-training
-    km_maml     modulators + head (task file)  everything (KM-MAML)
+    km_maml     modulators (task file)         everything (KM-MAML)
     anil        head                           everything
     maml        every weight                   everything
     finetune    head, --finetune_steps steps   none: a pretrained base
@@ -97,8 +97,8 @@ class Config:
     learn_inner_rates: bool = False
     zero_head: bool = False
     adapt_batchnorm: bool = False
-    adapt_head: bool = True
-    last_filter_units: int | None = None
+    adapt_head: bool = False
+    last_filter_units: int | None = meta.DEFAULT_LAST_FILTER_UNITS
     first_order: bool = False
     outer_learning_rate: float = 1e-3
     finetune_steps: int = 100
@@ -141,11 +141,13 @@ def define_flags() -> None:
                        "Inner-loop step size.")
     flags.DEFINE_float("modulator_learning_rate", None,
                        "km_maml: inner-loop step size of the modulators "
-                       "(default: km_tf.meta's, 0.1 x "
-                       "--inner_learning_rate).")
+                       "(default: km_tf.meta.km_maml's, --inner_learning_"
+                       "rate, or 0.1 x it with --adapt_head).")
     flags.DEFINE_float("last_modulator_learning_rate", None,
                        "km_maml: inner-loop step size of the last "
-                       "convolution's modulator (default: as the others').")
+                       "convolution's modulator (default: km_tf.meta."
+                       "km_maml's, 10 x --inner_learning_rate if it is "
+                       "filter-form, else as the others').")
     flags.DEFINE_bool("learn_inner_rates", defaults.learn_inner_rates,
                       "Meta-learners meta-learn one inner step size per "
                       "inner weight (MAML++-style), starting at the "
@@ -166,11 +168,13 @@ def define_flags() -> None:
                       "km_maml: tasks also adapt BatchNorm's gamma and "
                       "beta.")
     flags.DEFINE_bool("adapt_head", defaults.adapt_head,
-                      "km_maml: tasks adapt the head (--noadapt_head: only "
-                      "the modulators adapt).")
-    flags.DEFINE_integer("last_filter_units", None,
+                      "km_maml: tasks adapt the head too (default: only "
+                      "the modulators adapt; the head is meta-trained and "
+                      "shared).")
+    flags.DEFINE_integer("last_filter_units", defaults.last_filter_units,
                          "km_maml: the last convolution's modulator works "
-                         "on whole filters with this many hidden units.")
+                         "on whole filters with this many hidden units (0: "
+                         "a modulator like the others).", lower_bound=0)
     flags.DEFINE_integer("hidden_units", None,
                          "Modulator hidden units (default: km_tf's).")
     flags.DEFINE_integer("eval_episodes", defaults.eval_episodes,
@@ -207,7 +211,7 @@ def config_from_flags() -> Config:
         finetune_learning_rate=flag.finetune_learning_rate,
         hidden_units=flag.hidden_units,
         adapt_batchnorm=flag.adapt_batchnorm, adapt_head=flag.adapt_head,
-        last_filter_units=flag.last_filter_units,
+        last_filter_units=flag.last_filter_units or None,
         eval_episodes=flag.eval_episodes,
         log_every=flag.log_every, seed=flag.seed)
 
@@ -350,12 +354,12 @@ def markdown(results: dict[str, Any]) -> str:
                if config.get("learn_inner_rates") else "")
     if config.get("zero_head"):
         learned += "; every task's head starting at zero"
+    rate, last_rate = _modulator_rates(config)
     if config.get("last_filter_units"):
         learned += (f"; the last convolution's modulator on whole filters, "
                     f"{config['last_filter_units']} hidden units")
-    if config.get("last_modulator_learning_rate"):
-        learned += (f", stepping at "
-                    f"{config['last_modulator_learning_rate']}")
+    if last_rate != rate:
+        learned += f", stepping at {last_rate:g}"
     if not config.get("adapt_head", True):
         learned += "; KM-MAML's tasks keep the meta-trained head"
     lines = [
@@ -369,7 +373,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{config['seed']}; {config['meta_steps']} meta-steps of "
         f"{config['meta_batch_size']} episodes ({config['inner_steps']} inner "
         f"steps at {config['inner_learning_rate']}, KM-MAML's modulators "
-        f"at {_modulator_rate(config)}{learned}, "
+        f"at {rate:g}{learned}, "
         f"{'first' if config['first_order'] else 'second'}-order, Adam "
         f"{config['outer_learning_rate']}); meta-learners adapt "
         f"{config['eval_inner_steps']} steps at test, fine-tuning "
@@ -419,12 +423,20 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _modulator_rate(config: dict[str, Any]) -> float:
-    """The modulators' inner step size a run used."""
-    rate = config.get("modulator_learning_rate")
-    if rate is None:
-        return meta.MODULATOR_RATE_FACTOR * config["inner_learning_rate"]
-    return rate
+def _modulator_rates(config: dict[str, Any]) -> tuple[float, float]:
+    """The inner step sizes of KM-MAML's modulators and of its last one in
+    a run (runs recorded before KM-MAML's body-only default adapted the
+    head and had no filter-form last modulator)."""
+    options = meta.km_maml_options(
+        meta.MetaOptions(
+            inner_learning_rate=config["inner_learning_rate"],
+            modulator_learning_rate=config.get("modulator_learning_rate"),
+            last_modulator_learning_rate=config.get(
+                "last_modulator_learning_rate")),
+        adapt_head=config.get("adapt_head", True),
+        last_filter_form=bool(config.get("last_filter_units")))
+    return (options.modulator_learning_rate,
+            options.last_modulator_learning_rate)
 
 
 def write(results: dict[str, Any], stem: str | os.PathLike) -> None:

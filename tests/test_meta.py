@@ -307,10 +307,14 @@ def test_support_statistics_are_the_support_sets_moments_when_adapted():
                                    rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("adapt_batchnorm", [False, True])
-def test_an_inner_step_changes_only_modulators_and_head(adapt_batchnorm):
-    """... and BatchNorm's gamma and beta with adapt_batchnorm."""
+@pytest.mark.parametrize("adapt_head, adapt_batchnorm",
+                         [(True, False), (True, True), (False, False)])
+def test_an_inner_step_changes_only_modulators_and_head(adapt_head,
+                                                       adapt_batchnorm):
+    """... and BatchNorm's gamma and beta with adapt_batchnorm; only the
+    modulators by default (adapt_head=False)."""
     learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
+                           adapt_head=adapt_head,
                            adapt_batchnorm=adapt_batchnorm)
     randomize_modulators(learner.model)
     model_before = [numpy(v).copy() for v in learner.model.variables]
@@ -326,7 +330,8 @@ def test_an_inner_step_changes_only_modulators_and_head(adapt_batchnorm):
         assert (variable.path in adapts) == (id(variable) in inner), (
             variable.path)
     expected = {v.path for v in learner.model.variables
-                if "/modulator/" in v.path or v.path.startswith("head/")
+                if "/modulator/" in v.path
+                or (adapt_head and v.path.startswith("head/"))
                 or (adapt_batchnorm and v.path.endswith(("/gamma", "/beta")))}
     assert adapts == expected
     assert any(path.endswith("/gamma") for path in adapts) == (
@@ -337,14 +342,15 @@ def test_an_inner_step_changes_only_modulators_and_head(adapt_batchnorm):
 
 
 def test_modulators_step_at_their_own_inner_rate():
-    """One inner step at rate r moves a weight by r * gradient: the
-    modulators' step at the default rate (0.1x the head's) is 0.1x the one
-    at the head's rate; the head's is the same."""
+    """One inner step at rate r moves a weight by r * gradient: with the
+    head adapting, the modulators' step at the default rate (0.1x the
+    head's) is 0.1x the one at the head's rate; the head's is the same."""
     episode = sampler().episode(0)
     steps = {}
     for rate in (0.01, None):
         keras.utils.set_random_seed(0)
-        learner = meta.km_maml(tiny_base(), WAYS,
+        learner = meta.km_maml(tiny_base(), WAYS, adapt_head=True,
+                               last_filter_units=None,
                                hidden_units=4, options=meta.MetaOptions(
                                    inner_learning_rate=0.01,
                                    modulator_learning_rate=rate))
@@ -368,38 +374,42 @@ def test_modulators_step_at_their_own_inner_rate():
 
 
 def test_body_only_tasks_step_the_last_filter_modulator_at_its_rate():
-    """adapt_head=False: tasks adapt the modulators alone and the head is
-    meta-trained; last_filter_units puts a filter-form modulator on the
-    last convolution, stepping at last_modulator_learning_rate."""
+    """The default, adapt_head=False: tasks adapt the modulators alone and
+    the head is meta-trained; last_filter_units puts a filter-form
+    modulator on the last convolution. Rates left None are the inner rate
+    for the modulators and 10x it for that last one."""
     episode = sampler().episode(0)
     steps, learners = {}, {}
-    for last_rate in (0.05, None):
+    for rate, last_rate in ((0.02, 0.05), (None, None)):
         keras.utils.set_random_seed(0)
         learner = meta.km_maml(
-            tiny_base(), WAYS, hidden_units=4, adapt_head=False,
-            last_filter_units=3, options=meta.MetaOptions(
-                inner_learning_rate=0.01, modulator_learning_rate=0.01,
+            tiny_base(), WAYS, hidden_units=4, last_filter_units=3,
+            options=meta.MetaOptions(
+                inner_learning_rate=0.01, modulator_learning_rate=rate,
                 last_modulator_learning_rate=last_rate))
         randomize_modulators(learner.model)
         values = learner.parameter_values()
         adapted = learner.adapt(values, episode.support_images,
                                 episode.support_labels, steps=1)
-        steps[last_rate] = {v.path: numpy(new) - numpy(old) for v, old, new
-                            in zip(learner.parameters, values, adapted)}
-        learners[last_rate] = learner
-    learner = learners[0.05]
+        steps[rate] = {v.path: numpy(new) - numpy(old) for v, old, new
+                       in zip(learner.parameters, values, adapted)}
+        learners[rate] = learner
+    assert (learners[None].options.modulator_learning_rate,
+            learners[None].options.last_modulator_learning_rate) == (
+                0.01, pytest.approx(0.1))
+    learner = learners[0.02]
     project = learner.model.get_layer("project")
     assert (project.form, project.filter_units) == ("filter", 3)
     assert learner.model.get_layer("stem").form == "hybrid"
     head = {id(v) for v in meta.head_variables(learner.model)}
     assert head and not head & {id(v) for v in learner.inner_variables}
     assert head <= {id(v) for v in learner.outer_variables}
-    moved = {path for path, step in steps[0.05].items() if np.any(step)}
+    moved = {path for path, step in steps[0.02].items() if np.any(step)}
     assert moved == {v.path for v in learner.inner_variables}
     assert all("/modulator/" in path for path in moved)
     for path in moved:
-        factor = 5.0 if path.startswith("project/") else 1.0
-        np.testing.assert_allclose(steps[0.05][path],
+        factor = 0.5 if path.startswith("project/") else 2.0
+        np.testing.assert_allclose(steps[0.02][path],
                                    factor * steps[None][path],
                                    rtol=1e-3, atol=1e-7, err_msg=path)
     before = [numpy(v).copy() for v in meta.head_variables(learner.model)]
@@ -408,8 +418,8 @@ def test_body_only_tasks_step_the_last_filter_modulator_at_its_rate():
                zip(meta.head_variables(learner.model), before))
     with pytest.raises(ValueError, match="last_modulator_learning_rate"):
         meta.MetaOptions(last_modulator_learning_rate=-1.0)
-    with pytest.raises(ValueError, match="must adapt the whole head"):
-        meta.km_maml(tiny_base(), WAYS, adapt_head=False,
+    with pytest.raises(ValueError, match="pass adapt_head=True"):
+        meta.km_maml(tiny_base(), WAYS,
                      options=meta.MetaOptions(zero_head=True))
 
 
@@ -519,8 +529,11 @@ def test_learned_inner_rates_start_fixed_and_get_exact_meta_gradients():
     modulators = {id(v) for v in modulator_variables(learner.model)}
     assert learner.outer_variables[-1] is learner.parameters[-1] is (
         learner.inner_rates)
+    # km_maml's default rates: the modulators at the inner rate, the
+    # filter-form last one ("project") at 10x.
+    assert modulators == {id(v) for v in learner.inner_variables}
     assert learner.inner_step_sizes() == pytest.approx(
-        [0.05 if id(v) in modulators else 0.5
+        [5.0 if v.path.startswith("project/") else 0.5
          for v in learner.inner_variables])
     assert learner.inner_step_sizes() == pytest.approx(
         fixed.inner_step_sizes())
@@ -600,12 +613,14 @@ def test_first_order_gradients_are_query_gradients_at_adapted_weights():
                                    err_msg=variable.path)
 
 
-@pytest.mark.parametrize("adapt_batchnorm, last_filter_units",
-                         [(False, None), (True, None), (False, 3)])
+@pytest.mark.parametrize("adapt_head, adapt_batchnorm, last_filter_units",
+                         [(True, False, None), (True, True, None),
+                          (False, False, 3)])
 def test_an_adapted_task_saves_and_restores_as_a_task_file(
-        tmp_path, adapt_batchnorm, last_filter_units):
+        tmp_path, adapt_head, adapt_batchnorm, last_filter_units):
     base = tiny_base()
     learner = meta.km_maml(base, WAYS, hidden_units=4, options=options(),
+                           adapt_head=adapt_head,
                            adapt_batchnorm=adapt_batchnorm,
                            last_filter_units=last_filter_units)
     learner.meta_train_step(episode_batch())
@@ -618,11 +633,14 @@ def test_an_adapted_task_saves_and_restores_as_a_task_file(
                             steps=2)
     path = tmp_path / "task.kmtask"
     header = meta.save_adapted_task(learner, adapted, meta_base, path)
+    # The file holds the head even when tasks share it (a task file is a
+    # whole task); the bytes a task adds count only what it adapts.
     assert {t["role"] for t in header.tensors} == {"modulated", "head"} | (
         {"batchnorm"} if adapt_batchnorm else set())
     storage = meta.task_storage(learner)
-    assert storage.contents == ("modulators + batchnorm + head"
-                                if adapt_batchnorm else "modulators + head")
+    assert storage.contents == " + ".join(
+        ["modulators"] + ["batchnorm"] * adapt_batchnorm
+        + ["head"] * adapt_head)
     meta_base.save(tmp_path / "base.keras")
     loaded = keras.saving.load_model(tmp_path / "base.keras")
     restored = km_tf.restore_task(loaded, path)
@@ -742,8 +760,9 @@ def test_each_method_adapts_and_meta_trains_its_own_variables():
 @pytest.mark.parametrize("method", ["km_maml", "maml", "finetune"])
 def test_zero_head_starts_every_task_from_a_zero_head(method):
     keras.utils.set_random_seed(3)
-    learner = meta.make_learner(method, tiny_base(), WAYS,
-                                options=options(zero_head=True))
+    learner = meta.make_learner(
+        method, tiny_base(), WAYS, options=options(zero_head=True),
+        **({"adapt_head": True} if method == "km_maml" else {}))
     head = [v for v in learner.model.trainable_variables
             if v.path.startswith("head/")]
     head_paths = {v.path for v in head}

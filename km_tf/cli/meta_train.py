@@ -10,8 +10,10 @@
 apps/meta_train.py` runs the same.)
 
 Methods (`km_tf.meta.learners` explains them): `km_maml` adapts each task's
-kernel modulators and head and meta-trains everything (a task is a small
-`.kmtask` file next to the meta-trained base); `anil` adapts the head;
+kernel modulators and meta-trains everything, the head included (a task is
+a small `.kmtask` file next to the meta-trained base; --adapt_head adapts
+the head too, --last_filter_units sizes the last convolution's filter-form
+modulator); `anil` adapts the head;
 `maml` adapts every weight; `finetune` meta-trains nothing: it pretrains
 the base as an ordinary classifier of all meta-training classes (as many
 steps as --meta_steps, batches of --pretrain_batch_size images), then
@@ -38,7 +40,7 @@ statistics re-estimated on its support set: --task_statistics), and
 meta-test episodes with its 95% confidence interval (for meta-learners
 transductive, as MAML reports, and as deployed: with the moving statistics
 of meta-training, and with each task's support-set statistics), and the
-bytes each task stores (modulators + head for km_maml, the head for anil,
+bytes each task stores (the modulators for km_maml, the head for anil,
 the whole network for maml and --finetune_layers=all).
 
 A killed run resumes where it stopped: start the same command again. Every
@@ -81,7 +83,7 @@ OUTPUT_FLAGS = ("output_dir", "verbose", "restart", "strategy", "tpu",
                 "cpu_replicas", "log_every", "data_dir")
 
 flags.DEFINE_enum("method", "km_maml", list(meta.METHODS),
-                  "km_maml: tasks adapt modulators + head; anil: the head; "
+                  "km_maml: tasks adapt the modulators; anil: the head; "
                   "maml: every weight; finetune: a pretrained base, no "
                   "meta-training.")
 flags.DEFINE_enum("model", "conv4", list(models.MODEL_NAMES),
@@ -113,11 +115,13 @@ flags.DEFINE_integer("eval_inner_steps", None, "Gradient steps per task "
 flags.DEFINE_float("inner_learning_rate", 0.1, "Step size of the inner "
                    "loop (and of fine-tuning).")
 flags.DEFINE_float("modulator_learning_rate", None, "km_maml: inner-loop "
-                   "step size of the modulators (default: 0.1 x "
-                   "--inner_learning_rate, measured in BUILD.md).")
+                   "step size of the modulators (default: "
+                   "--inner_learning_rate, or 0.1 x it with --adapt_head; "
+                   "measured in BUILD.md).")
 flags.DEFINE_float("last_modulator_learning_rate", None, "km_maml: "
                    "inner-loop step size of the last convolution's "
-                   "modulator (default: as the other modulators').")
+                   "modulator (default: 10 x --inner_learning_rate if it "
+                   "is filter-form, else as the other modulators').")
 flags.DEFINE_boolean("learn_inner_rates", False, "Meta-learn one inner "
                      "step size per inner weight, starting at the rates "
                      "above (MAML++-style per-layer rates; second-order "
@@ -146,13 +150,13 @@ flags.DEFINE_integer("filter_units", layers.DEFAULT_FILTER_UNITS,
                      "Hidden width of the modulators of whole-filter units.")
 flags.DEFINE_enum("form", layers.DEFAULT_FORM, list(layers.MODULATOR_FORMS),
                   "Modulator unit (see km-train --help).")
-flags.DEFINE_integer("last_filter_units", None, "km_maml: the last "
-                     "convolution's modulator works on whole filters with "
-                     "this many hidden units (default: as the others).",
-                     lower_bound=1)
-flags.DEFINE_boolean("adapt_head", True, "km_maml: tasks adapt the head; "
-                     "--noadapt_head: only the modulators adapt, the head "
-                     "is meta-trained and shared by every task.")
+flags.DEFINE_integer("last_filter_units", meta.DEFAULT_LAST_FILTER_UNITS,
+                     "km_maml: the last convolution's modulator works on "
+                     "whole filters with this many hidden units (0: a "
+                     "modulator like the others).", lower_bound=0)
+flags.DEFINE_boolean("adapt_head", False, "km_maml: tasks adapt the head "
+                     "too (default: only the modulators adapt; the head is "
+                     "meta-trained and shared by every task).")
 flags.DEFINE_boolean("adapt_batchnorm", False, "km_maml: tasks also adapt "
                      "BatchNorm's gamma and beta (their files hold "
                      "BatchNorm, as a km-train task with --batchnorm=train).")
@@ -222,6 +226,11 @@ def check_flags(strategy: tf.distribute.Strategy) -> None:
             FLAGS.modulator_learning_rate > 0):
         raise ValueError("--modulator_learning_rate must be positive; got "
                          f"{FLAGS.modulator_learning_rate}.")
+    if FLAGS.zero_head and FLAGS.method == "km_maml" and not FLAGS.adapt_head:
+        raise ValueError(
+            "--zero_head starts every task's head at zero, so tasks must "
+            "adapt the head, and km_maml shares one meta-trained head by "
+            "default: add --adapt_head, or drop --zero_head.")
     if FLAGS.learn_inner_rates and FLAGS.method == "finetune":
         raise ValueError(
             "--learn_inner_rates meta-learns the inner rates, and finetune "
@@ -305,7 +314,7 @@ def build(pools: meta_pools.MetaPools) -> Setup:
                    "filter_units": FLAGS.filter_units, "form": FLAGS.form,
                    "adapt_batchnorm": FLAGS.adapt_batchnorm,
                    "adapt_head": FLAGS.adapt_head,
-                   "last_filter_units": FLAGS.last_filter_units}
+                   "last_filter_units": FLAGS.last_filter_units or None}
                   if FLAGS.method == "km_maml" else {})
     learner = meta.make_learner(FLAGS.method, base, FLAGS.ways,
                                 options=_options(), optimizer=optimizer,
@@ -503,6 +512,8 @@ def _settings(strategy: tf.distribute.Strategy) -> dict[str, Any]:
     if FLAGS.method == "finetune":
         names += ["finetune_layers"]
     settings = {name: FLAGS[name].value for name in names}
+    if FLAGS.method == "km_maml":
+        settings["last_filter_units"] = FLAGS.last_filter_units or None
     if FLAGS.method == "finetune":
         settings["pretrain_batch_size"] = _pretrain_batch_size()
     return {**settings, "replicas": strategy.num_replicas_in_sync}

@@ -40,21 +40,25 @@ from km_tf.meta.episodes import (ClassSplits, Episode, EpisodeSampler,
                                  episode_seed, split_classes)
 from km_tf.meta.export import meta_trained_base, save_adapted_task
 from km_tf.meta.forward import modulate_kernel_differentiably, run_model
-from km_tf.meta.learners import (FINETUNE_OPTIONS, METHODS,
-                                 MODULATOR_RATE_FACTOR, STATISTICS,
+from km_tf.meta.learners import (BODY_ONLY_MODULATOR_RATE_FACTOR,
+                                 DEFAULT_LAST_FILTER_UNITS,
+                                 FINETUNE_OPTIONS, LAST_FILTER_RATE_FACTOR,
+                                 METHODS, MODULATOR_RATE_FACTOR, STATISTICS,
                                  MetaGradients, MetaLearner, MetaOptions,
                                  accuracy, anil, cross_entropy, finetune,
-                                 head_variables, km_maml, make_learner,
-                                 maml)
+                                 head_variables, km_maml, km_maml_options,
+                                 make_learner, maml)
 from km_tf.meta.metrics import (TaskStorage, mean_confidence_interval,
                                 task_storage)
 
 __all__ = [
-    "ClassSplits", "Episode", "EpisodeSampler", "FINETUNE_OPTIONS",
+    "BODY_ONLY_MODULATOR_RATE_FACTOR", "ClassSplits",
+    "DEFAULT_LAST_FILTER_UNITS", "Episode", "EpisodeSampler",
+    "FINETUNE_OPTIONS", "LAST_FILTER_RATE_FACTOR",
     "METHODS", "MODULATOR_RATE_FACTOR", "MetaGradients", "MetaLearner",
     "MetaOptions", "STATISTICS", "TaskStorage",
     "accuracy", "anil", "cross_entropy", "episode_seed", "finetune",
-    "head_variables", "km_maml",
+    "head_variables", "km_maml", "km_maml_options",
     "make_learner", "maml", "mean_confidence_interval", "meta_trained_base",
     "modulate_kernel_differentiably", "run_model", "save_adapted_task",
     "split_classes", "task_storage",

@@ -10,18 +10,20 @@ the adapted network, averaged over a meta-batch of episodes, and its
 optimizer (a Keras optimizer) updates the initial weights.
 
     method      inner loop adapts          outer loop meta-trains
-    km_maml     modulators + head (+ BN    base kernels and biases, BN
-                gamma/beta if asked; the   gamma/beta, modulators, head
-                head not, if asked)
+    km_maml     modulators (+ head, + BN   base kernels and biases, BN
+                gamma/beta, if asked)      gamma/beta, modulators, head
     anil        head                       everything trainable
     maml        everything trainable       everything trainable
     finetune    head (or everything)       nothing (a pretrained base)
 
 `km_maml` is Kernel Modulation's use in meta-learning (Hu & Liu, ICPR
 2022): the model is `km_tf.modulate(base)`; a new task adapts only the
-modulators (stepping at `MODULATOR_RATE_FACTOR` times the head's inner
-rate, measured in BUILD.md) and the head, so it is an ordinary task file
-(`km_tf.meta.export.save_adapted_task`) next to the meta-trained base. KM
+modulators, so it is an ordinary task file (`km_tf.meta.export.
+save_adapted_task`) next to the meta-trained base. By default the head is
+meta-trained and shared (body-only adaptation) and the last convolution's
+modulator works on whole filters and steps ten times faster than the
+others: the configuration that measured best (BUILD.md, "Few-shot
+meta-learning"; `km_maml` lists the alternatives). KM
 layers keep their base kernel out of `trainable_variables`
 (`KernelModulatedConv2D._freeze_base`), so the outer loop lists those
 kernels (and biases) itself and differentiates the query loss with respect
@@ -93,8 +95,15 @@ from km_tf.walk import (BATCHNORM_TYPES, ROLE_BATCHNORM, ROLE_HEAD,
 METHODS = ("km_maml", "anil", "maml", "finetune")
 # The BatchNorm statistics a query set can be scored with (`evaluate`).
 STATISTICS = ("query", "moving", "support")
-# The modulators' inner step size as a multiple of the head's (km_maml).
+# km_maml's default inner step sizes, as multiples of `inner_learning_rate`
+# (measured in BUILD.md, "Few-shot meta-learning"): the modulators' when
+# the head adapts too, the modulators' when they adapt alone, and a
+# filter-form last modulator's.
 MODULATOR_RATE_FACTOR = 0.1
+BODY_ONLY_MODULATOR_RATE_FACTOR = 1.0
+LAST_FILTER_RATE_FACTOR = 10.0
+# Hidden units of km_maml's filter-form last modulator (`last_filter_units`).
+DEFAULT_LAST_FILTER_UNITS = 8
 
 Values = list[tf.Tensor]
 State = dict[int, tf.Tensor]
@@ -115,18 +124,13 @@ class MetaOptions:
         batch_statistics: Run every forward pass in training mode
             (BatchNorm batch statistics, dropout on), as MAML does; `False`:
             inference mode (moving statistics, no dropout).
-        modulator_learning_rate: Inner step size of KM modulator weights
-            (km_maml); `None`: `MODULATOR_RATE_FACTOR` (0.1) times
-            `inner_learning_rate`. Measured on the offline glyph split
-            (BUILD.md, "Few-shot meta-learning"): one rate for modulators
-            and head gave 91.5 / 92.8% at 1 / 5 shots, 0.1x 93.8 / 96.3%.
+        modulator_learning_rate: Inner step size of KM modulator weights;
+            `None`: `km_maml` picks it for its configuration (see there;
+            a learner built by hand: `MODULATOR_RATE_FACTOR` (0.1) times
+            `inner_learning_rate`).
         last_modulator_learning_rate: Inner step size of the last
-            modulated convolution's modulator; `None`: as the other
-            modulators'. MAML's tasks rewrite the last convolution and
-            little else (BUILD.md, "Few-shot meta-learning"); a body-only
-            KM-MAML whose last modulator is a filter-form one
-            (`km_maml(adapt_head=False, last_filter_units=8)`) stepping at
-            1.0, the others at 0.1, is level with MAML there at 1 shot.
+            modulated convolution's modulator; `None`: `km_maml` picks it
+            (a learner built by hand: as the other modulators').
         learn_inner_rates: Meta-learn the inner step sizes: one per inner
             variable (per layer weight, as MAML++'s per-layer rates,
             Antoniou et al., 2019, without their per-step ones, so any
@@ -692,22 +696,34 @@ def km_maml(base: keras.Model, ways: int, *,
             form: str = DEFAULT_FORM,
             filter_units: int = DEFAULT_FILTER_UNITS,
             adapt_batchnorm: bool = False,
-            adapt_head: bool = True,
-            last_filter_units: int | None = None) -> MetaLearner:
-    """KM-MAML: tasks adapt modulators and head; meta-training trains all.
+            adapt_head: bool = False,
+            last_filter_units: int | None = DEFAULT_LAST_FILTER_UNITS
+            ) -> MetaLearner:
+    """KM-MAML: tasks adapt the modulators; meta-training trains all.
 
     The model is `km_tf.modulate(base with a ways-class head,
-    batchnorm="train")`. The inner loop adapts the modulators and the head
-    (and, with `adapt_batchnorm`, BatchNorm's gamma and beta: what a KM
-    transfer task with `batchnorm="train"` holds); the outer loop
-    meta-trains the base kernels and biases, BatchNorm's gamma and beta,
-    and the modulators' and head's initial values. Convolutions `modulate`
-    cannot rewrite stay frozen.
+    batchnorm="train")`. The inner loop adapts the modulators (and, if
+    asked, the head, and BatchNorm's gamma and beta: what a KM transfer
+    task with `batchnorm="train"` holds); the outer loop meta-trains the
+    base kernels and biases, BatchNorm's gamma and beta, the head, and the
+    modulators' initial values. Convolutions `modulate` cannot rewrite
+    stay frozen.
+
+    The defaults are the configuration that measured best on the offline
+    glyph split (BUILD.md, "Few-shot meta-learning"): the head is shared
+    (`adapt_head=False`), the last convolution's modulator is filter-form
+    (`last_filter_units=8`), and rates left `None` in `options` are
+    `inner_learning_rate` for the modulators and ten times it for that
+    last one (`BODY_ONLY_MODULATOR_RATE_FACTOR`,
+    `LAST_FILTER_RATE_FACTOR`). With the head adapting, modulators default
+    to a tenth of it (`MODULATOR_RATE_FACTOR`); without `last_filter_units`
+    the last modulator steps like the others.
 
     Args:
         base: A pretrained (or fresh) base classifier; not changed.
         ways: Classes per task (N): the head's width.
-        options: Inner-loop options.
+        options: Inner-loop options; `None` modulator rates are filled in
+            as above (`MetaLearner.options` holds the rates used).
         optimizer: Outer optimizer (`None`: Adam at 1e-3).
         head_layer: Name of the base's Dense head; `None`: its last layer
             (see `km_tf.models.replace_head`).
@@ -716,20 +732,27 @@ def km_maml(base: keras.Model, ways: int, *,
         filter_units: Hidden width of filter-unit modulators.
         adapt_batchnorm: Tasks also adapt BatchNorm's gamma and beta (two
             values per channel), so their files hold BatchNorm too.
-        adapt_head: Tasks adapt the head. `False`: only the modulators
-            (and BatchNorm, if asked) adapt, and the head is meta-trained
-            like the base and the same in every task (body-only adaptation,
-            BOIL: Oh et al., 2021), so the modulators must carry each
-            task.
-        last_filter_units: If given, the last convolution's modulator works
-            on whole filters with this many hidden units (a per-layer
-            `modulate` override): a step on it changes the layer's channel
-            mixing by a rank-`last_filter_units` product, the shape of
-            MAML's per-task change there (BUILD.md).
+        adapt_head: Tasks adapt the head too. `False`: only the
+            modulators (and BatchNorm, if asked) adapt, and the head is
+            meta-trained like the base and the same in every task
+            (body-only adaptation, BOIL: Oh et al., 2021), so the
+            modulators must carry each task.
+        last_filter_units: The last Conv2D's modulator works on whole
+            filters with this many hidden units (a per-layer `modulate`
+            override): a step on it changes the layer's channel mixing by a
+            rank-`last_filter_units` product, the shape of MAML's per-task
+            change there (BUILD.md). `None`: a modulator like the others.
 
     Returns:
         The `MetaLearner`.
     """
+    if options.zero_head and not adapt_head:
+        raise ValueError(
+            "`zero_head` starts every task's head at zero, so tasks must "
+            "adapt the head, and km_maml's default shares one meta-trained "
+            "head: pass adapt_head=True, or set zero_head=False.")
+    options = km_maml_options(options, adapt_head=adapt_head,
+                              last_filter_form=last_filter_units is not None)
     task_base = replace_head(base, ways, head_layer=head_layer)
     overrides = {}
     if last_filter_units is not None:
@@ -756,6 +779,23 @@ def km_maml(base: keras.Model, ways: int, *,
                        outer_variables=[*model.trainable_variables,
                                         *base_weights],
                        options=options, optimizer=optimizer)
+
+
+def km_maml_options(options: MetaOptions, *, adapt_head: bool,
+                    last_filter_form: bool) -> MetaOptions:
+    """`options` with `km_maml`'s default modulator rates in place of
+    `None` (see `km_maml`)."""
+    rate = options.modulator_learning_rate
+    if rate is None:
+        rate = options.inner_learning_rate * (
+            MODULATOR_RATE_FACTOR if adapt_head
+            else BODY_ONLY_MODULATOR_RATE_FACTOR)
+    last_rate = options.last_modulator_learning_rate
+    if last_rate is None:
+        last_rate = (options.inner_learning_rate * LAST_FILTER_RATE_FACTOR
+                     if last_filter_form else rate)
+    return dataclasses.replace(options, modulator_learning_rate=rate,
+                               last_modulator_learning_rate=last_rate)
 
 
 def anil(base: keras.Model, ways: int, *,

@@ -48,8 +48,8 @@ class TaskStorage:
     """What one adapted task costs to store, next to the shared network.
 
     Attributes:
-        contents: What a task stores (`"modulators + head"`, `"head"`,
-            `"whole network"`).
+        contents: What a task stores (`"modulators"`, `"modulators +
+            head"`, `"head"`, `"whole network"`).
         task_bytes: Bytes of those values (as the variables' dtypes).
         base_bytes: Bytes of the shared base network (every variable but
             the modulators, BatchNorm statistics included).
@@ -72,8 +72,9 @@ def task_storage(learner: MetaLearner, *,
                  own_statistics: bool = False) -> TaskStorage:
     """Per-task bytes of a learner's adapted tasks.
 
-    A task stores the values its inner loop changes: modulators and head
-    for `km_maml` (what its task file holds), the head for `anil` and
+    A task stores the values its inner loop changes: the modulators (and
+    the head, with `adapt_head`) for `km_maml` (its task file also holds
+    the shared head, a few hundred bytes), the head for `anil` and
     head-only fine-tuning. When the inner loop adapts every trainable
     weight (`maml`, fine-tuning all layers) a task is a whole network.
 
