@@ -101,6 +101,7 @@ class Config:
     last_filter_units: int | None = meta.DEFAULT_LAST_FILTER_UNITS
     first_order: bool = False
     outer_learning_rate: float = 1e-3
+    outer_schedule: str = "constant"
     finetune_steps: int = 100
     finetune_learning_rate: float = 0.01
     hidden_units: int | None = None
@@ -159,6 +160,10 @@ def define_flags() -> None:
                       "First-order meta-gradients.")
     flags.DEFINE_float("outer_learning_rate", defaults.outer_learning_rate,
                        "Adam rate of meta-training and pretraining.")
+    flags.DEFINE_enum("outer_schedule", defaults.outer_schedule,
+                      list(loop.OUTER_SCHEDULES), "Outer learning-rate "
+                      "schedule: constant, or cosine (annealed to zero "
+                      "over --meta_steps).")
     flags.DEFINE_integer("finetune_steps", defaults.finetune_steps,
                          "Fine-tuning steps per meta-test task.")
     flags.DEFINE_float("finetune_learning_rate",
@@ -207,6 +212,7 @@ def config_from_flags() -> Config:
         learn_inner_rates=flag.learn_inner_rates,
         zero_head=flag.zero_head, first_order=flag.first_order,
         outer_learning_rate=flag.outer_learning_rate,
+        outer_schedule=flag.outer_schedule,
         finetune_steps=flag.finetune_steps,
         finetune_learning_rate=flag.finetune_learning_rate,
         hidden_units=flag.hidden_units,
@@ -224,7 +230,9 @@ def run_method(config: Config, pools: meta_pools.MetaPools, method: str,
     keras.utils.set_random_seed(config.seed)
     log = loop.ProgressLog(config.verbose)
     log.message(f"== {method}, {config.ways}-way {shots}-shot")
-    optimizer = keras.optimizers.Adam(config.outer_learning_rate)
+    optimizer = loop.outer_optimizer(config.outer_learning_rate,
+                                     steps=config.meta_steps,
+                                     schedule=config.outer_schedule)
     sampler = pools.sampler("train", ways=config.ways, shots=shots,
                             queries=config.queries,
                             seed=meta.episode_seed(config.seed, "train"))
@@ -355,6 +363,8 @@ def markdown(results: dict[str, Any]) -> str:
     if config.get("zero_head"):
         learned += "; every task's head starting at zero"
     rate, last_rate = _modulator_rates(config)
+    schedule = (" annealed to 0 along a cosine"
+                if config.get("outer_schedule") == "cosine" else "")
     if config.get("last_filter_units"):
         learned += (f"; the last convolution's modulator on whole filters, "
                     f"{config['last_filter_units']} hidden units")
@@ -375,7 +385,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"steps at {config['inner_learning_rate']}, KM-MAML's modulators "
         f"at {rate:g}{learned}, "
         f"{'first' if config['first_order'] else 'second'}-order, Adam "
-        f"{config['outer_learning_rate']}); meta-learners adapt "
+        f"{config['outer_learning_rate']}{schedule}); meta-learners adapt "
         f"{config['eval_inner_steps']} steps at test, fine-tuning "
         f"{config['finetune_steps']} steps at "
         f"{config['finetune_learning_rate']}.",

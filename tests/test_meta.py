@@ -588,6 +588,42 @@ def test_learned_inner_rates_are_checkpointed_and_refused_where_unusable(
             learn_inner_rates=True))
 
 
+def test_a_cosine_outer_schedule_anneals_to_zero_and_resumes(tmp_path):
+    """outer_optimizer("cosine") starts at the rate, is half of it half-way
+    and zero at the end, and a checkpointed run goes on where it was."""
+    def rate(optimizer):
+        return float(numpy(optimizer.learning_rate))
+
+    def stage_of(optimizer):
+        learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
+                               options=options(), optimizer=optimizer)
+        return loop.meta_stage(learner, sampler(), meta_batch_size=1)
+
+    optimizer = loop.outer_optimizer(0.01, steps=4, schedule="cosine")
+    stage = stage_of(optimizer)
+    assert rate(optimizer) == pytest.approx(0.01)
+    rates = []
+    for _ in range(4):
+        stage.step(episode_batch(count=1))
+        rates.append(rate(optimizer))
+    assert rates == pytest.approx([0.01 * (1 + np.cos(np.pi * s / 4)) / 2
+                                   for s in range(1, 5)], abs=1e-9)
+    assert rates[1] == pytest.approx(0.005) and rates[-1] == pytest.approx(
+        0.0, abs=1e-9)
+    checkpoint = loop.Checkpoint(tmp_path / "checkpoint.npz",
+                                 stage.variables)
+    checkpoint.save({"step": 2})
+    fresh = loop.outer_optimizer(0.01, steps=4, schedule="cosine")
+    resumed = loop.Checkpoint(tmp_path / "checkpoint.npz",
+                              stage_of(fresh).variables)
+    assert rate(fresh) == pytest.approx(0.01)
+    resumed.restore()
+    assert rate(fresh) == pytest.approx(0.0, abs=1e-9)
+    assert rate(loop.outer_optimizer(0.01, steps=4)) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="choose one of constant, cosine"):
+        loop.outer_optimizer(0.01, steps=4, schedule="linear")
+
+
 def test_first_order_gradients_are_query_gradients_at_adapted_weights():
     learner = meta.km_maml(tiny_base(), WAYS, hidden_units=4,
                            options=options(inner_steps=2, first_order=True))

@@ -136,6 +136,9 @@ flags.DEFINE_enum("finetune_layers", "head", list(FINETUNE_LAYERS),
 # The outer loop.
 flags.DEFINE_float("outer_learning_rate", 1e-3, "Adam learning rate of "
                    "meta-training (and of finetune's pretraining).")
+flags.DEFINE_enum("outer_schedule", "constant", list(loop.OUTER_SCHEDULES),
+                  "Outer learning-rate schedule: constant, or cosine "
+                  "(annealed to zero over --meta_steps, as MAML++).")
 flags.DEFINE_integer("meta_steps", 2000, "Meta-training steps (finetune: "
                      "pretraining steps); 0 evaluates the initial network.",
                      lower_bound=0)
@@ -298,7 +301,9 @@ def build(pools: meta_pools.MetaPools) -> Setup:
     """The base, and the learner or finetune's pretraining; call it in the
     strategy's scope."""
     size = FLAGS.image_size
-    optimizer = keras.optimizers.Adam(FLAGS.outer_learning_rate)
+    optimizer = loop.outer_optimizer(FLAGS.outer_learning_rate,
+                                     steps=FLAGS.meta_steps,
+                                     schedule=FLAGS.outer_schedule)
     if FLAGS.method == "finetune":
         base = models.build_model(
             FLAGS.model, pools.class_count("train"), image_size=size,
@@ -503,7 +508,8 @@ def _settings(strategy: tf.distribute.Strategy) -> dict[str, Any]:
              "shots", "queries", "meta_batch_size", "inner_steps",
              "eval_inner_steps", "inner_learning_rate",
              "learn_inner_rates", "zero_head", "first_order",
-             "outer_learning_rate", "meta_steps", "seed", "strategy"]
+             "outer_learning_rate", "outer_schedule", "meta_steps", "seed",
+             "strategy"]
     if FLAGS.method == "km_maml":
         names += ["hidden_units", "filter_units", "form", "adapt_batchnorm",
                   "adapt_head", "last_filter_units",

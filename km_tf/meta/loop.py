@@ -55,8 +55,32 @@ from km_tf.meta.learners import (MetaLearner, accuracy, assign_updates,
 
 CHECKPOINT_FILE = "checkpoint.npz"
 _PROGRESS_KEY = "progress.json"
+# Learning-rate schedules of the outer optimizer (`outer_optimizer`).
+OUTER_SCHEDULES = ("constant", "cosine")
 
 Batch = Any  # A nest of NumPy arrays with a leading batch axis.
+
+
+def outer_optimizer(learning_rate: float, *, steps: int,
+                    schedule: str = "constant") -> keras.optimizers.Adam:
+    """Adam for meta-training (and the fine-tuning baseline's pretraining).
+
+    Args:
+        learning_rate: Adam's rate (the first step's, with a schedule).
+        steps: The run's steps (its `--meta_steps`).
+        schedule: `"constant"`, or `"cosine"`: the rate falls from
+            `learning_rate` to zero along a half cosine over `steps`
+            (MAML++'s cosine annealing of the meta-optimizer, Antoniou et
+            al., 2019). The schedule reads the optimizer's step counter,
+            which `Checkpoint` holds, so a resumed run continues on it.
+    """
+    if schedule not in OUTER_SCHEDULES:
+        raise ValueError(f"Unknown outer schedule {schedule!r}; choose one "
+                         f"of {', '.join(OUTER_SCHEDULES)}.")
+    if schedule == "cosine":
+        return keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=max(steps, 1)))
+    return keras.optimizers.Adam(learning_rate)
 
 
 @dataclasses.dataclass(frozen=True)
