@@ -34,8 +34,9 @@ all three ways.
 Writes `<output>.json` and `<output>.md` (default bench/results/meta.*).
 
 Runtime at 3,000 meta-steps, one process per core of a 2-core CPU
-(`--threads=1`): KM-MAML 14 min at 1 shot (0.28 s per meta-step), 37 min
-at 5 shots (0.67 s); MAML 13 and 35 min (0.24, 0.65 s); ANIL 8 and 13
+(`--threads=1`): KM-MAML 14-18 min at 1 shot (0.26-0.32 s per
+meta-step), 33-38 min at 5 shots (0.65 s; the head-adapting configuration
+about as long); MAML 13 and 35 min (0.24, 0.65 s); ANIL 8 and 13
 min. Each meta-learner's 600 evaluation episodes take 0.3-1.2 min; the
 fine-tuning baseline's 100 steps per episode make its evaluation the
 longest (2.4 and 7 minutes). README and BUILD.md have the results
