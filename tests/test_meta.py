@@ -418,6 +418,24 @@ def test_body_only_tasks_step_the_last_filter_modulator_at_its_rate():
                zip(meta.head_variables(learner.model), before))
     with pytest.raises(ValueError, match="last_modulator_learning_rate"):
         meta.MetaOptions(last_modulator_learning_rate=-1.0)
+
+
+def test_a_base_ending_in_a_depthwise_convolution_needs_no_filter_form():
+    """The filter-form override and the last modulator's rate both go to
+    the last modulated convolution; a DepthwiseConv2D there has no whole
+    filters to modulate, so the default is refused with the fix."""
+    layers = keras.layers
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name=models.INPUT_NAME)
+    x = layers.Conv2D(4, 3, name="stem")(inputs)
+    x = layers.DepthwiseConv2D(3, name="last_dw")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    base = keras.Model(inputs, layers.Dense(3, name=models.HEAD_NAME)(x),
+                       name="depthwise_last")
+    with pytest.raises(ValueError, match=(
+            "DepthwiseConv2D 'last_dw'.*pass last_filter_units=None")):
+        meta.km_maml(base, WAYS)
+    learner = meta.km_maml(base, WAYS, last_filter_units=None)
+    assert learner.model.get_layer("stem").form == "hybrid"
     with pytest.raises(ValueError, match="pass adapt_head=True"):
         meta.km_maml(tiny_base(), WAYS,
                      options=meta.MetaOptions(zero_head=True))

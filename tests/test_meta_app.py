@@ -4,7 +4,8 @@ bench/meta.py and bench/meta_adaptation.py, all on tiny budgets.
 The program runs start together in one module fixture (each is mostly
 single-threaded TensorFlow start-up and tracing, so two cores overlap
 them): an uninterrupted run logging to a file, the same run SIGKILLed
-after its first checkpoint and started again at once, a run whose tasks
+after its first checkpoint, refused a resume with another flag and started
+again, a run whose tasks
 adapt the head too, that run on two mirrored logical CPUs and as two
 worker processes of a multi-worker cluster on loopback, a MAML run, and
 runs with bad flags.
@@ -75,7 +76,9 @@ def start(output: Path, *flags: str, log: Path | None = None,
 def kill_and_resume(process: subprocess.Popen, output: Path, result: dict,
                     timeout: float = 300) -> None:
     """SIGKILLs `process` as soon as its first checkpoint exists, records
-    the step that checkpoint holds and starts the same command again
+    the step that checkpoint holds, tries to resume with another outer
+    schedule (`result["changed"]`: output, return code, whether the
+    checkpoint is untouched) and starts the same command again
     (`result["resumed"]`)."""
     checkpoint = output / "backup" / "checkpoint.npz"
     deadline = time.monotonic() + timeout
@@ -90,6 +93,11 @@ def kill_and_resume(process: subprocess.Popen, output: Path, result: dict,
     with np.load(checkpoint) as stored:
         result["step"] = json.loads(stored["progress.json"].tobytes())["step"]
     result["killed_report"] = (output / "meta.report.json").exists()
+    saved = checkpoint.read_bytes()
+    changed = start(output, "--outer_schedule=cosine")
+    text, _ = changed.communicate(timeout=timeout)
+    result["changed"] = {"output": text, "returncode": changed.returncode,
+                         "checkpoint_kept": checkpoint.read_bytes() == saved}
     result["resumed"] = start(output)
 
 
@@ -392,12 +400,19 @@ def test_adaptation_bench_refuses_an_unfinished_run(runs, tmp_path):
 
 
 def test_a_killed_run_resumes_to_the_same_weights_and_metrics(runs):
+    """Resuming with another flag is refused first, keeping the backup."""
     root = runs["root"]
     runs["killer"].join()
     killed = runs["killed"]
     assert "error" not in killed, killed
     assert 2 <= killed["step"] < STEPS
     assert not killed["killed_report"]
+    changed = killed["changed"]
+    assert changed["returncode"] != 0
+    assert changed["checkpoint_kept"]
+    assert ("--outer_schedule: 'constant' then, 'cosine' now"
+            in changed["output"]), changed["output"][-2000:]
+    assert "--restart" in changed["output"]
     out = root / "killed"
     resumed = finish(killed["resumed"])
     assert f"resuming after step {killed['step']}" in resumed

@@ -737,7 +737,8 @@ def km_maml(base: keras.Model, ways: int, *,
             meta-trained like the base and the same in every task
             (body-only adaptation, BOIL: Oh et al., 2021), so the
             modulators must carry each task.
-        last_filter_units: The last Conv2D's modulator works on whole
+        last_filter_units: The last modulated convolution (a Conv2D; a
+            base ending in a DepthwiseConv2D is refused) works on whole
             filters with this many hidden units (a per-layer `modulate`
             override): a step on it changes the layer's channel mixing by a
             rank-`last_filter_units` product, the shape of MAML's per-task
@@ -756,14 +757,8 @@ def km_maml(base: keras.Model, ways: int, *,
     task_base = replace_head(base, ways, head_layer=head_layer)
     overrides = {}
     if last_filter_units is not None:
-        convolutions = [layer.name for _, layer in walk_layers(task_base)
-                        if isinstance(layer, keras.layers.Conv2D)]
-        if not convolutions:
-            raise ValueError(
-                "`last_filter_units` sets the last Conv2D's modulator, but "
-                f"{base.name!r} has no Conv2D layer.")
-        overrides[convolutions[-1]] = {"form": "filter",
-                                       "filter_units": last_filter_units}
+        overrides[_last_modulated_conv2d(task_base)] = {
+            "form": "filter", "filter_units": last_filter_units}
     model = modulate(task_base, hidden_units=hidden_units, form=form,
                      filter_units=filter_units, batchnorm="train",
                      overrides=overrides)
@@ -779,6 +774,28 @@ def km_maml(base: keras.Model, ways: int, *,
                        outer_variables=[*model.trainable_variables,
                                         *base_weights],
                        options=options, optimizer=optimizer)
+
+
+def _last_modulated_conv2d(model: keras.Model) -> str:
+    """The name of the last convolution `modulate` rewrites, which must be
+    a Conv2D: the one layer both `last_filter_units` (its form) and
+    `last_modulator_learning_rate` (its rate) apply to."""
+    convolutions = [layer for _, layer in walk_layers(model)
+                    if isinstance(layer, (keras.layers.Conv2D,
+                                          keras.layers.DepthwiseConv2D))]
+    if not convolutions:
+        raise ValueError(
+            "`last_filter_units` sets the last Conv2D's modulator, but "
+            f"{model.name!r} has no Conv2D layer: pass "
+            "last_filter_units=None.")
+    last = convolutions[-1]
+    if not isinstance(last, keras.layers.Conv2D):
+        raise ValueError(
+            f"`last_filter_units` makes the last modulated convolution's "
+            f"modulator filter-form, but {model.name!r}'s is "
+            f"{type(last).__name__} {last.name!r}, whose filters are single "
+            "channels: pass last_filter_units=None.")
+    return last.name
 
 
 def km_maml_options(options: MetaOptions, *, adapt_head: bool,
