@@ -138,7 +138,10 @@ flags.DEFINE_float("outer_learning_rate", 1e-3, "Adam learning rate of "
                    "meta-training (and of finetune's pretraining).")
 flags.DEFINE_enum("outer_schedule", "constant", list(loop.OUTER_SCHEDULES),
                   "Outer learning-rate schedule: constant, or cosine "
-                  "(annealed to zero over --meta_steps, as MAML++).")
+                  "(annealed to zero over --meta_steps, as MAML++). "
+                  "km_maml's default needs cosine at 5 shots (its "
+                  "meta-training spikes at a constant rate) and scores "
+                  "best with constant at 1 shot (BUILD.md).")
 flags.DEFINE_integer("meta_steps", 2000, "Meta-training steps (finetune: "
                      "pretraining steps); 0 evaluates the initial network.",
                      lower_bound=0)
