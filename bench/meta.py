@@ -14,6 +14,9 @@ same seed, the same meta-training budget (--meta_steps outer steps of
 meta-training classes for as many steps, on as many images per step), and
 the same --eval_episodes meta-test episodes for every method (mean accuracy
 and its 95% confidence interval, `km_tf.meta.mean_confidence_interval`).
+The published 5-shot numbers anneal the outer rate for km_maml and maml
+(`--shots=5 --outer_schedule=cosine`; ANIL keeps the constant rate, its
+better one): BUILD.md, "At 5 shots the default's meta-training spikes".
 
     method      a task adapts                  meta-training
     km_maml     modulators (task file)         everything (KM-MAML)
