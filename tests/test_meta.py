@@ -418,6 +418,9 @@ def test_body_only_tasks_step_the_last_filter_modulator_at_its_rate():
                zip(meta.head_variables(learner.model), before))
     with pytest.raises(ValueError, match="last_modulator_learning_rate"):
         meta.MetaOptions(last_modulator_learning_rate=-1.0)
+    with pytest.raises(ValueError, match="pass adapt_head=True"):
+        meta.km_maml(tiny_base(), WAYS,
+                     options=meta.MetaOptions(zero_head=True))
 
 
 def test_a_base_ending_in_a_depthwise_convolution_needs_no_filter_form():
@@ -436,9 +439,6 @@ def test_a_base_ending_in_a_depthwise_convolution_needs_no_filter_form():
         meta.km_maml(base, WAYS)
     learner = meta.km_maml(base, WAYS, last_filter_units=None)
     assert learner.model.get_layer("stem").form == "hybrid"
-    with pytest.raises(ValueError, match="pass adapt_head=True"):
-        meta.km_maml(tiny_base(), WAYS,
-                     options=meta.MetaOptions(zero_head=True))
 
 
 def test_an_outer_step_meta_trains_base_kernels_and_modulator_init():

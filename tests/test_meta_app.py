@@ -5,10 +5,9 @@ The program runs start together in one module fixture (each is mostly
 single-threaded TensorFlow start-up and tracing, so two cores overlap
 them): an uninterrupted run logging to a file, the same run SIGKILLed
 after its first checkpoint, refused a resume with another flag and started
-again, a run whose tasks
-adapt the head too, that run on two mirrored logical CPUs and as two
-worker processes of a multi-worker cluster on loopback, a MAML run, and
-runs with bad flags.
+again, a run whose tasks adapt the head too, that run on two mirrored
+logical CPUs and as two worker processes of a multi-worker cluster on
+loopback, a MAML run, and runs with bad flags.
 """
 
 import json
