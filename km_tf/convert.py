@@ -34,6 +34,12 @@ _MODULATED_TWIN = {
 _KM_CONFIG_KEYS = ("hidden_units", "form", "filter_units")
 
 
+def is_rewritten(layer: keras.layers.Layer) -> bool:
+    """Whether `modulate` rewrites `layer` (unless skipped): a `Conv2D` or
+    `DepthwiseConv2D` exactly, not a subclass."""
+    return type(layer) in _MODULATED_TWIN
+
+
 def modulate(
     model: keras.Model,
     *,
@@ -210,7 +216,7 @@ def _checked_overrides(model: keras.Model,
                        ) -> dict[str, dict[str, Any]]:
     """`modulate`'s `overrides`, checked and completed from `defaults`."""
     modulated = {layer.name for _, layer in walk_layers(model)
-                 if type(layer) in _MODULATED_TWIN and layer.name not in skip}
+                 if is_rewritten(layer) and layer.name not in skip}
     checked = {}
     for name, settings in overrides.items():
         if name not in modulated:
@@ -255,7 +261,7 @@ def _check_modulatable(model: keras.Model, skip: set[str],
             )
         if layer.name in skip:
             continue
-        if is_convolution(layer) and type(layer) not in _MODULATED_TWIN:
+        if is_convolution(layer) and not is_rewritten(layer):
             raise UnsupportedLayerError(
                 f"Layer {path!r} is a {type(layer).__name__}, which Kernel "
                 "Modulation does not rewrite (it supports Conv2D and "

@@ -82,7 +82,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from km_tf.convert import modulate
+from km_tf.convert import is_rewritten, modulate
 from km_tf.layers import (DEFAULT_FILTER_UNITS, DEFAULT_FORM,
                           DEFAULT_HIDDEN_UNITS, KM_LAYERS)
 from km_tf.meta.episodes import Episode
@@ -781,8 +781,7 @@ def _last_modulated_conv2d(model: keras.Model) -> str:
     a Conv2D: the one layer both `last_filter_units` (its form) and
     `last_modulator_learning_rate` (its rate) apply to."""
     convolutions = [layer for _, layer in walk_layers(model)
-                    if isinstance(layer, (keras.layers.Conv2D,
-                                          keras.layers.DepthwiseConv2D))]
+                    if is_rewritten(layer)]
     if not convolutions:
         raise ValueError(
             "`last_filter_units` sets the last Conv2D's modulator, but "
